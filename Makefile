@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Both build .venv from scratch when it is missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export RAY_AUTH_MODE := disabled
+export MFT_CACHE_DIR ?= $(CURDIR)/.cache/mft_ray
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: it takes the CPU wheel on disk; an unpinned torch would pull CUDA packages.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m jobs.evaluate --config jobs/configs/tiny_cpu.yaml run_dir=runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/debate_throughput.py
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,85 @@
+"""The agent actor: one engine serving one or more society members. A member's role is data.
+
+Methods that take a batch for several members return one ``TurnBatch`` per member; callers set
+``num_returns`` to the number of members so that each member's output is its own ObjectRef, which the
+coordinator hands straight to the next actor (the driver and the coordinator never hold the text).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import ray
+
+from mft_ray.config import ModelConfig
+from mft_ray.debate import TurnBatch, concatenated_contexts, critic_messages, round1_messages, summary_messages
+from mft_ray.engines import Conversation, SamplingParams, make_engine
+from mft_ray.prompts import PromptSet
+
+logger = logging.getLogger(__name__)
+
+
+def _unpack(outputs: list[TurnBatch]) -> Any:
+    # Ray hands back a single object (not a 1-tuple) when num_returns == 1.
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+@ray.remote
+class AgentActor:
+    """Owns an engine for ``model_path`` and answers on behalf of the members named in ``members``."""
+
+    def __init__(self, model: dict[str, Any], model_path: str, members: list[str],
+                 answer_instruction: str) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.members = members
+        self.model_cfg = ModelConfig(**model)
+        self.engine = make_engine(self.model_cfg, model_path)
+        self.prompts = PromptSet(answer_instruction)
+        logger.info("agent actor pid %d serves %s with %s", os.getpid(), ", ".join(members), model_path)
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "members": self.members, "model_path": self.engine.model_path,
+                "node": ray.get_runtime_context().get_node_id()}
+
+    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[str]:
+        """Raw engine access (benchmarks, interactive use)."""
+        return self.engine.generate(conversations, sampling)
+
+    def _run(self, per_member: list[list[Conversation]], sampling: SamplingParams) -> list[TurnBatch]:
+        # One engine call for all members served here: the biggest batch the engine can get.
+        flat = [c for convs in per_member for c in convs]
+        texts = self.engine.generate(flat, sampling)
+        out, k = [], 0
+        for convs in per_member:
+            out.append(TurnBatch(convs, texts[k:k + len(convs)]))
+            k += len(convs)
+        return out
+
+    def round1(self, questions: list[str], agents: list[int], sampling: SamplingParams) -> Any:
+        """Round 1 for generators ``agents``: one TurnBatch each."""
+        msgs = round1_messages(questions, self.prompts)
+        return _unpack(self._run([msgs] * len(agents), sampling))
+
+    def summarize(self, questions: list[str], agents: list[int], sampling: SamplingParams,
+                  *previous: TurnBatch) -> Any:
+        """s[m,n] for each n in ``agents``, from the round m-1 TurnBatches of all N agents."""
+        per = [summary_messages(questions, previous, n, self.prompts) for n in agents]
+        return _unpack(self._run(per, sampling))
+
+    def critique(self, questions: list[str], agents: list[int], sampling: SamplingParams,
+                 summarized: bool, *refs: TurnBatch) -> Any:
+        """Round m > 1 for critics ``agents``.
+
+        ``refs`` holds the N round m-1 TurnBatches, then (if ``summarized``) one summary TurnBatch per
+        entry of ``agents``.
+        """
+        n_agents = len(refs) - (len(agents) if summarized else 0)
+        previous, summaries = refs[:n_agents], refs[n_agents:]
+        per = []
+        for k, n in enumerate(agents):
+            contexts = (summaries[k].responses if summarized
+                        else concatenated_contexts(questions, previous, n, self.prompts))
+            per.append(critic_messages(previous[n], contexts, self.prompts, summarized))
+        return _unpack(self._run(per, sampling))

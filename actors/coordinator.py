@@ -1,0 +1,133 @@
+"""The debate coordinator: drives M-round debates of a society over a whole split, shard by shard.
+
+For each shard it submits the full round graph at once (round 1 on all generators, then for each
+m > 1 the summaries and the critics), chaining ObjectRefs from actor to actor; it only fetches the
+final texts to vote and write the shard. Up to ``debate.shards_in_flight`` shards are in the graph at
+once, so while one shard waits on its summaries the agents already work on the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import ray
+from ray.experimental import tqdm_ray
+
+from mft_ray.config import Config, config_from_dict
+from mft_ray.debate import TurnBatch
+from mft_ray.engines import SamplingParams
+from mft_ray.records import shard_is_complete, write_shard
+from mft_ray.society import CRITIC, GENERATOR, SUMMARIZER
+from mft_ray.tasks import make_task
+from mft_ray.voting import majority_vote, vote_rng
+
+logger = logging.getLogger(__name__)
+
+
+def _as_list(refs: Any, n: int) -> list:
+    return [refs] if n == 1 else list(refs)
+
+
+def _group(routes: dict[str, Any], role: str, n_agents: int) -> list[tuple[Any, list[int]]]:
+    """[(actor, [agent indices it serves for ``role``])], in first-seen order."""
+    groups: dict[Any, list[int]] = {}
+    for n in range(n_agents):
+        groups.setdefault(routes[f"{role}_{n}"], []).append(n)
+    return list(groups.items())
+
+
+@ray.remote(num_cpus=0)
+class DebateCoordinator:
+    """Runs debates for one society; ``routes`` maps member names to agent actors."""
+
+    def __init__(self, config: dict[str, Any], routes: dict[str, Any]) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.config: Config = config_from_dict(config)
+        self.routes = routes
+        self.task = make_task(self.config.task)
+
+    def run(self, iteration: int, split: str, problems: list[tuple[str, str]], out_dir: str) -> dict[str, Any]:
+        """Debate ``problems`` ([(id, question)]) and write shards under ``out_dir``; skip finished ones."""
+        cfg = self.config.debate
+        start = time.time()
+        shards = [problems[i:i + cfg.shard_size] for i in range(0, len(problems), cfg.shard_size)]
+        pending: deque = deque()
+        skipped = 0
+        self.bar = tqdm_ray.tqdm(total=len(shards), desc=f"debate {split} iter {iteration} (shards)")
+        for k, shard in enumerate(shards):
+            if shard_is_complete(out_dir, k, [pid for pid, _ in shard]):
+                skipped += 1
+                self.bar.update(1)
+                continue
+            pending.append((k, shard, self._submit(iteration, split, k, [q for _, q in shard])))
+            while len(pending) >= cfg.shards_in_flight:
+                self._finish(iteration, split, out_dir, *pending.popleft(), total=len(shards))
+        while pending:
+            self._finish(iteration, split, out_dir, *pending.popleft(), total=len(shards))
+        self.bar.close()
+        stats = {"split": split, "iteration": iteration, "problems": len(problems), "shards": len(shards),
+                 "skipped_shards": skipped, "seconds": round(time.time() - start, 3)}
+        logger.info("debate %s iter %d done: %s", split, iteration, stats)
+        return stats
+
+    def _submit(self, iteration: int, split: str, shard: int, questions: list[str]) -> dict[str, list]:
+        """Submit every round of one shard; returns ObjectRefs keyed by round and role."""
+        n_agents, summarize = self.config.debate.agents, self.config.debate.summarize
+        base = SamplingParams.from_config(self.config.sampling)
+
+        def sampling(round_: int, role: str, agents: list[int]) -> SamplingParams:
+            return base.derive(iteration, split, shard, round_, role, *agents)
+
+        refs: dict[str, list] = {}
+        prev: list = [None] * n_agents
+        for actor, idxs in _group(self.routes, GENERATOR, n_agents):
+            out = actor.round1.options(num_returns=len(idxs)).remote(
+                questions, idxs, sampling(1, GENERATOR, idxs))
+            for n, ref in zip(idxs, _as_list(out, len(idxs))):
+                prev[n] = ref
+        refs["1/generator"] = list(prev)
+        for m in range(2, self.config.debate.rounds + 1):
+            summaries: list = []
+            if summarize:
+                everyone = list(range(n_agents))
+                out = self.routes[SUMMARIZER].summarize.options(num_returns=n_agents).remote(
+                    questions, everyone, sampling(m, SUMMARIZER, everyone), *prev)
+                summaries = _as_list(out, n_agents)
+                refs[f"{m}/summarizer"] = summaries
+            new: list = [None] * n_agents
+            for actor, idxs in _group(self.routes, CRITIC, n_agents):
+                extra = [summaries[n] for n in idxs] if summarize else []
+                out = actor.critique.options(num_returns=len(idxs)).remote(
+                    questions, idxs, sampling(m, CRITIC, idxs), summarize, *prev, *extra)
+                for n, ref in zip(idxs, _as_list(out, len(idxs))):
+                    new[n] = ref
+            refs[f"{m}/critic"] = list(new)
+            prev = new
+        return refs
+
+    def _finish(self, iteration: int, split: str, out_dir: str, shard: int,
+                problems: list[tuple[str, str]], refs: dict[str, list], total: int) -> None:
+        """Fetch one shard's texts, vote on the final round, write the shard atomically."""
+        batches: dict[str, list[TurnBatch]] = {key: ray.get(v) for key, v in refs.items()}
+        final_key = max(batches, key=lambda k: (int(k.split("/")[0]), k.endswith("critic")))
+        rows = []
+        for i, (pid, _) in enumerate(problems):
+            finals = [self.task.extract_answer(b.responses[i]) for b in batches[final_key]]
+            vote = majority_vote(finals, self.task.equivalent, vote_rng(self.config.seed, pid))
+            for key, per_agent in batches.items():
+                round_, role = key.split("/")
+                for n, batch in enumerate(per_agent):
+                    answer = None if role == SUMMARIZER else self.task.extract_answer(batch.responses[i])
+                    rows.append({
+                        "iteration": iteration, "split": split, "problem_id": pid, "agent": n, "role": role,
+                        "round": int(round_), "messages": batch.messages[i], "response": batch.responses[i],
+                        "answer": answer, "majority": vote.answer, "tie": vote.tie,
+                        "consensus": vote.consensus,
+                    })
+        write_shard(out_dir, shard, rows, [pid for pid, _ in problems])
+        self.bar.update(1)
+        logger.info("debate %s iter %d: shard %d/%d written (%d problems)", split, iteration, shard + 1,
+                    total, len(problems))

@@ -1,0 +1,299 @@
+"""Run configuration: dataclasses that validate themselves, loaded from YAML with dotted overrides.
+
+A config file is a nested YAML mapping whose sections mirror the dataclasses below::
+
+    run_dir: runs/tiny
+    task: {name: arithmetic, finetune_size: 64, eval_size: 64}
+    debate: {agents: 3, rounds: 2}
+
+Command-line overrides use dotted keys, e.g. ``debate.agents=5 sampling.temperature=0.7``; values are
+parsed as YAML scalars. Every error names the offending setting (``debate.agents must be >= 1, got 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASK_NAMES = ("arithmetic", "gsm8k", "math", "mmlu")
+ENGINE_NAMES = ("hf", "vllm")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+BUILTIN_PREFIX = "builtin:"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names the setting."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class TaskConfig:
+    """Which problems to debate and how to split them.
+
+    ``path`` is a JSONL or Parquet file (not needed for the generated arithmetic task). Both splits are
+    drawn from it, disjoint and seeded, unless ``eval_path`` names a separate file for evaluation.
+    """
+
+    name: str = "arithmetic"
+    path: str | None = None
+    eval_path: str | None = None
+    levels: list[int] | None = field(default_factory=lambda: [1, 2, 3])  # MATH; None = all levels
+    subjects: list[str] | None = None  # MATH / MMLU subject filter; None = all
+    finetune_size: int = 500
+    eval_size: int = 500
+    seed: int = 0
+    max_int: int = 30  # arithmetic operands are drawn from [0, max_int]
+
+    def validate(self, prefix: str = "task") -> None:
+        _check(self.name in TASK_NAMES, f"{prefix}.name must be one of {list(TASK_NAMES)}, got {self.name!r}")
+        _check(self.finetune_size >= 0, f"{prefix}.finetune_size must be >= 0, got {self.finetune_size}")
+        _check(self.eval_size >= 0, f"{prefix}.eval_size must be >= 0, got {self.eval_size}")
+        _check(self.finetune_size + self.eval_size > 0, f"{prefix}: finetune_size + eval_size must be > 0")
+        _check(self.max_int >= 1, f"{prefix}.max_int must be >= 1, got {self.max_int}")
+        if self.name != "arithmetic":
+            _check(self.path is not None, f"{prefix}.path is required for task {self.name!r}")
+        for key in ("path", "eval_path"):
+            value = getattr(self, key)
+            if value is not None:
+                _check(Path(value).expanduser().is_file(), f"{prefix}.{key}: no such file: {value}")
+        if self.levels is not None:
+            _check(all(1 <= lv <= 5 for lv in self.levels), f"{prefix}.levels must lie in 1..5, got {self.levels}")
+
+
+@dataclass
+class ModelConfig:
+    """The base model every agent starts from, and the engine that serves it.
+
+    ``path`` is a local Hugging Face checkpoint directory, a hub id (``org/name``, resolved by the
+    engine on the cluster), or a built-in model such as ``builtin:tiny-random``.
+    """
+
+    path: str = "builtin:tiny-random"
+    engine: str = "hf"
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    trust_remote_code: bool = False
+    max_batch_size: int = 256  # HF engine: sequences per forward batch
+    tensor_parallel_size: int = 1  # vLLM
+    gpu_memory_utilization: float = 0.85  # vLLM; lower it to pack several agents on one GPU
+    max_model_len: int | None = None  # vLLM
+
+    def validate(self, prefix: str = "model") -> None:
+        _check(self.engine in ENGINE_NAMES, f"{prefix}.engine must be one of {list(ENGINE_NAMES)}, got {self.engine!r}")
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"{prefix}.dtype: unknown dtype {self.dtype!r}")
+        _check(self.max_batch_size >= 1, f"{prefix}.max_batch_size must be >= 1, got {self.max_batch_size}")
+        _check(self.tensor_parallel_size >= 1, f"{prefix}.tensor_parallel_size must be >= 1")
+        _check(0 < self.gpu_memory_utilization <= 1, f"{prefix}.gpu_memory_utilization must lie in (0, 1]")
+        validate_model_path(self.path, f"{prefix}.path")
+
+
+def validate_model_path(path: str, setting: str) -> None:
+    """Refuse a local model path that does not exist or holds no model; hub ids pass through."""
+    if path.startswith(BUILTIN_PREFIX):
+        from mft_ray.models import BUILTIN_MODELS
+
+        name = path[len(BUILTIN_PREFIX):]
+        _check(name in BUILTIN_MODELS, f"{setting}: unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+        return
+    local = Path(path).expanduser()
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not local.exists()
+    if looks_like_hub_id:
+        return
+    _check(local.is_dir(), f"{setting}: model directory does not exist: {path}")
+    _check((local / "config.json").is_file(), f"{setting}: {path} is not a Hugging Face model (no config.json)")
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding settings shared by every agent (the authors' code: temperature 1.0, top_p 0.9)."""
+
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 2048
+    seed: int = 0
+
+    def validate(self, prefix: str = "sampling") -> None:
+        _check(self.temperature >= 0, f"{prefix}.temperature must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"{prefix}.top_p must lie in (0, 1], got {self.top_p}")
+        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class DebateConfig:
+    """Society shape and how the debate is sharded over the problem set."""
+
+    agents: int = 3  # N generators and N critics
+    rounds: int = 2  # M
+    summarize: bool = True  # False = the "w/o summary" ablation: concatenate the other answers
+    shard_size: int = 64  # problems per shard; one shard = one batched call per agent per round
+    shards_in_flight: int = 2  # shards whose rounds are pipelined through the agents at once
+
+    def validate(self, prefix: str = "debate") -> None:
+        _check(self.agents >= 1, f"{prefix}.agents must be >= 1, got {self.agents}")
+        _check(self.rounds >= 1, f"{prefix}.rounds must be >= 1, got {self.rounds}")
+        _check(self.shard_size >= 1, f"{prefix}.shard_size must be >= 1, got {self.shard_size}")
+        _check(self.shards_in_flight >= 1, f"{prefix}.shards_in_flight must be >= 1, got {self.shards_in_flight}")
+
+
+@dataclass
+class ResourcesConfig:
+    """What each agent actor asks of the cluster, and how the society is placed."""
+
+    share_engine: bool = True  # agents with the same weights share one engine actor
+    num_gpus_per_agent: float = 0.0  # fractions allowed, e.g. 0.5 packs two agents per GPU
+    num_cpus_per_agent: float = 1.0
+    placement_strategy: str = "PACK"
+    placement_timeout_s: float = 60.0
+
+    def validate(self, prefix: str = "resources") -> None:
+        _check(self.num_gpus_per_agent >= 0, f"{prefix}.num_gpus_per_agent must be >= 0")
+        _check(self.num_cpus_per_agent >= 0, f"{prefix}.num_cpus_per_agent must be >= 0")
+        _check(self.num_gpus_per_agent + self.num_cpus_per_agent > 0,
+               f"{prefix}: an agent must ask for some CPU or GPU")
+        _check(self.placement_strategy in PLACEMENT_STRATEGIES,
+               f"{prefix}.placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}")
+        _check(self.placement_timeout_s > 0, f"{prefix}.placement_timeout_s must be > 0")
+
+
+@dataclass
+class Config:
+    """A whole run. Every stage writes under ``run_dir`` (a local path)."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    debate: DebateConfig = field(default_factory=DebateConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check(bool(self.run_dir), "run_dir must not be empty")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _coerce(value: Any, hint: Any, setting: str) -> Any:
+    """Check ``value`` against a type hint (int, float, str, bool, list[...], optional, dataclass)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, setting)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{setting}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        _check(isinstance(value, dict), f"{setting} must be a mapping, got {value!r}")
+        return _build(hint, value, setting)
+    if origin is list:
+        _check(isinstance(value, list), f"{setting} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{setting}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        _check(isinstance(value, bool), f"{setting} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{setting} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{setting} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _check(isinstance(value, str), f"{setting} must be a string, got {value!r}")
+        return os.path.expandvars(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        where = f"{prefix}.{key}" if prefix else key
+        _check(key in names, f"unknown setting {where!r}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _coerce(value, hints[key], where)
+    if cls is Config:
+        return cls(**kwargs)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        _check(isinstance(child, dict), f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are YAML scalars (``5``, ``true``, ``null``, ``[1,2]``)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        _check(bool(sep) and bool(key.strip()), f"override {item!r} must look like key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (optional) and apply dotted overrides; validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        _check(p.is_file(), f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        _check(loaded is None or isinstance(loaded, dict), f"{path}: top level must be a mapping")
+        data = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    return _build(Config, data, "")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. a saved ``config.yaml``)."""
+    return _build(Config, data, "")
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,59 @@
+"""Pure debate logic: which messages each agent sees in each round (Algorithm 1 lines 5-16).
+
+Both the Ray coordinator and the sequential reference loop build conversations with these functions,
+so the distributed run and the authors'-style loop are the same method by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from mft_ray.engines.base import Conversation
+from mft_ray.prompts import PromptSet
+
+
+@dataclass
+class TurnBatch:
+    """One agent's turn over a batch of problems: the conversations it was given and its replies."""
+
+    messages: list[Conversation]
+    responses: list[str]
+
+    def conversation_so_far(self, i: int) -> Conversation:
+        """Problem i's conversation including this turn's reply."""
+        return [*self.messages[i], {"role": "assistant", "content": self.responses[i]}]
+
+
+def round1_messages(questions: Sequence[str], prompts: PromptSet) -> list[Conversation]:
+    """y[1,n] = A^G_n(prompt0(x)) for every problem x."""
+    return [[{"role": "user", "content": prompts.question(q)}] for q in questions]
+
+
+def others_of(previous: Sequence[TurnBatch], agent: int, i: int) -> list[str]:
+    """The previous-round responses to problem i of every agent except ``agent``."""
+    return [batch.responses[i] for n, batch in enumerate(previous) if n != agent]
+
+
+def summary_messages(questions: Sequence[str], previous: Sequence[TurnBatch], agent: int,
+                     prompts: PromptSet) -> list[Conversation]:
+    """Summarizer prompts for s[m,agent], built only from round m-1 responses of the other agents."""
+    return [
+        [{"role": "user", "content": prompts.summary(q, others_of(previous, agent, i))}]
+        for i, q in enumerate(questions)
+    ]
+
+
+def concatenated_contexts(questions: Sequence[str], previous: Sequence[TurnBatch], agent: int,
+                          prompts: PromptSet) -> list[str]:
+    """The "w/o summary" context for ``agent``: the other round m-1 responses concatenated."""
+    return [prompts.concatenate(others_of(previous, agent, i)) for i in range(len(questions))]
+
+
+def critic_messages(own_previous: TurnBatch, contexts: Sequence[str], prompts: PromptSet,
+                    summarized: bool) -> list[Conversation]:
+    """Agent n's conversation so far plus critic_prompt(x, s[m,n])."""
+    return [
+        [*own_previous.conversation_so_far(i), {"role": "user", "content": prompts.critique(c, summarized)}]
+        for i, c in enumerate(contexts)
+    ]

@@ -1,0 +1,73 @@
+"""The engine interface shared by every backend (HF transformers, vLLM, ...)."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from mft_ray.config import ModelConfig, SamplingConfig
+
+Conversation = list[dict[str, str]]  # chat messages: [{"role": "user", "content": "..."}, ...]
+
+
+class EngineError(RuntimeError):
+    """An engine could not be built or could not serve a request; the message says why."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings for one call. ``seed`` makes a call reproducible for the same batch."""
+
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 2048
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: "SamplingConfig") -> "SamplingParams":
+        return cls(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed)
+
+    def derive(self, *parts: object) -> "SamplingParams":
+        """A copy whose seed is mixed with ``parts`` (e.g. shard, round, agent).
+
+        Agents that ask the same question must not sample the same answer, and a rerun of one
+        shard must reproduce it: both follow from seeding each call by what it is.
+        """
+        blob = ":".join(str(p) for p in (self.seed, *parts)).encode()
+        return replace(self, seed=int.from_bytes(hashlib.sha256(blob).digest()[:4], "little"))
+
+
+class Engine(abc.ABC):
+    """Generates one reply per conversation, rendered with the model's own chat template."""
+
+    model_path: str
+
+    @abc.abstractmethod
+    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[str]:
+        """Return one generated text per conversation, in order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release accelerator memory."""
+
+
+def make_engine(model: "ModelConfig", path: str | None = None) -> Engine:
+    """Build the engine named by ``model.engine`` for ``path`` (default ``model.path``, resolved)."""
+    from mft_ray.models import resolve_model_path
+
+    resolved = resolve_model_path(path or model.path)
+    if model.engine == "hf":
+        from mft_ray.engines.hf import HFEngine
+
+        return HFEngine(resolved, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
+                        max_batch_size=model.max_batch_size)
+    if model.engine == "vllm":
+        from mft_ray.engines.vllm import VLLMEngine
+
+        return VLLMEngine(resolved, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
+                          tensor_parallel_size=model.tensor_parallel_size,
+                          gpu_memory_utilization=model.gpu_memory_utilization,
+                          max_model_len=model.max_model_len)
+    raise EngineError(f"model.engine: unknown engine {model.engine!r}")
