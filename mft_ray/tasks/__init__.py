@@ -1,0 +1,7 @@
+"""Benchmarks: problem pools, answer extraction, equivalence grading, and seeded splits."""
+
+from mft_ray.tasks.base import DataError, Problem, Task, last_boxed
+from mft_ray.tasks.registry import TASKS, make_task
+from mft_ray.tasks.splits import Splits, make_splits
+
+__all__ = ["DataError", "Problem", "Splits", "TASKS", "Task", "last_boxed", "make_splits", "make_task"]
