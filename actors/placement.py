@@ -16,9 +16,11 @@ class PlacementError(RuntimeError):
 
 
 def _fmt(resources: dict[str, float]) -> str:
-    shown = {k: round(v, 3) for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory") or v}
-    shown.pop("memory", None)
-    return ", ".join(f"{k}={v:g}" for k, v in shown.items() if not k.startswith("node:")) or "nothing"
+    """CPU, GPU and custom resources; memory figures and per-node markers are noise here."""
+    skip = ("memory", "object_store_memory")
+    shown = {k: v for k, v in sorted(resources.items())
+             if k not in skip and not k.startswith(("node:", "accelerator_type:"))}
+    return ", ".join(f"{k}={v:g}" for k, v in shown.items()) or "nothing"
 
 
 def place(bundles: list[dict[str, float]], strategy: str = "PACK", timeout_s: float = 60.0,

@@ -45,7 +45,9 @@ def evaluate_records(records: pa.Table, problems: Sequence[Problem], task: Task,
     consensus, ties, unanswered = [], 0, 0
     for pid, ref in reference.items():
         recs = by_problem[pid]
-        final = next(r for r in recs if r["round"] == final_round)
+        final = next((r for r in recs if r["round"] == final_round), None)
+        if final is None:
+            raise ValueError(f"problem {pid} has no round-{final_round} records: the debate is incomplete")
         majority_correct.append(task.is_correct(final["majority"], ref))
         consensus.append(final["consensus"])
         ties += bool(final["tie"])

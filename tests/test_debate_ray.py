@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -114,3 +115,38 @@ def test_without_summary_concatenates_other_answers(ray_cluster, tiny_model, tmp
     problems, out, _ = _run(config)
     _check_structure(problems, read_records(out), agents=3, rounds=2, summarize=False,
                      instruction=make_task(config.task).answer_instruction)
+
+
+def test_society_too_big_for_cluster_fails_at_once(ray_cluster, tiny_model, tmp_path):
+    from actors.placement import PlacementError
+
+    config = _config(tmp_path, tiny_model, **{"resources.num_gpus_per_agent": 1})
+    start = time.time()
+    with pytest.raises(PlacementError, match=r"needs .*GPU=1.*short of GPU=1"):
+        _run(config)
+    assert time.time() - start < 10
+
+
+def test_society_blocked_by_other_work_times_out_clearly(ray_cluster, tiny_model, tmp_path):
+    import ray
+
+    from actors.placement import PlacementError
+
+    @ray.remote(num_cpus=1.5)
+    class Hog:
+        def ping(self) -> int:
+            return 1
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    config = _config(tmp_path, tiny_model, **{"resources.num_cpus_per_agent": 1,
+                                              "resources.placement_timeout_s": 3})
+    start = time.time()
+    try:
+        with pytest.raises(PlacementError, match=r"could not be placed within 3s.*CPU=0.5 free"):
+            _run(config)
+    finally:
+        ray.kill(hog)
+    assert time.time() - start < 20
+    assert not ray.util.placement_group_table() or all(
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())

@@ -1,0 +1,175 @@
+"""The pure debate logic: who sees what in each round, and per-call seeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from mft_ray.debate import (
+    TurnBatch,
+    concatenated_contexts,
+    critic_messages,
+    others_of,
+    round1_messages,
+    summary_messages,
+)
+from mft_ray.engines.base import SamplingParams
+from mft_ray.prompts import PromptSet
+
+PROMPTS = PromptSet(answer_instruction="End with \\boxed{x}.")
+QUESTIONS = ["What is 1+1?", "What is 2*3?"]
+N = 3
+
+
+def reply(agent: int, rnd: int, i: int) -> str:
+    return f"<agent {agent} round {rnd} problem {i}>"
+
+
+def generator_round1() -> list[TurnBatch]:
+    msgs = round1_messages(QUESTIONS, PROMPTS)
+    return [TurnBatch(messages=msgs, responses=[reply(n, 1, i) for i in range(len(QUESTIONS))]) for n in range(N)]
+
+
+def test_round1_messages() -> None:
+    msgs = round1_messages(QUESTIONS, PROMPTS)
+    assert msgs == [[{"role": "user", "content": PROMPTS.question(q)}] for q in QUESTIONS]
+    assert msgs[0][0]["content"].startswith("What is 1+1?\n")
+    assert msgs[0][0]["content"].endswith("End with \\boxed{x}.")
+    assert round1_messages([], PROMPTS) == []
+
+
+def test_round1_conversations_are_independent_objects() -> None:
+    msgs = round1_messages(QUESTIONS, PROMPTS)
+    msgs[0].append({"role": "assistant", "content": "x"})
+    assert len(msgs[1]) == 1
+
+
+def test_others_of_excludes_only_the_agent() -> None:
+    prev = generator_round1()
+    assert others_of(prev, 1, 0) == [reply(0, 1, 0), reply(2, 1, 0)]
+    assert others_of(prev, 0, 1) == [reply(1, 1, 1), reply(2, 1, 1)]
+    assert others_of(prev, 2, 1) == [reply(0, 1, 1), reply(1, 1, 1)]
+
+
+@pytest.mark.parametrize("agent", range(N))
+def test_summary_messages_exclude_own_and_include_others_in_order(agent: int) -> None:
+    prev = generator_round1()
+    convs = summary_messages(QUESTIONS, prev, agent, PROMPTS)
+    assert len(convs) == len(QUESTIONS)
+    for i, (q, conv) in enumerate(zip(QUESTIONS, convs)):
+        assert len(conv) == 1 and conv[0]["role"] == "user"
+        text = conv[0]["content"]
+        assert q in text
+        assert reply(agent, 1, i) not in text
+        others = [n for n in range(N) if n != agent]
+        positions = [text.index(reply(n, 1, i)) for n in others]
+        assert positions == sorted(positions)
+        # Only this problem's responses, never another problem's.
+        for j in range(len(QUESTIONS)):
+            if j != i:
+                assert all(reply(n, 1, j) not in text for n in range(N))
+        assert text == PROMPTS.summary(q, [reply(n, 1, i) for n in others])
+        assert text.count("Agent ") == N - 1
+
+
+def test_concatenated_contexts() -> None:
+    prev = generator_round1()
+    ctx = concatenated_contexts(QUESTIONS, prev, 1, PROMPTS)
+    assert ctx == [
+        f"\n\nOne agent solution: ```{reply(0, 1, i)}```\n\nOne agent solution: ```{reply(2, 1, i)}```"
+        for i in range(len(QUESTIONS))
+    ]
+
+
+def test_critic_messages_extend_own_conversation() -> None:
+    prev = generator_round1()
+    contexts = ["summary A", "summary B"]
+    for summarized, head in ((True, "Here is a summary of the responses from other agents: "),
+                             (False, "These are the solutions to the problem from other agents: ")):
+        convs = critic_messages(prev[2], contexts, PROMPTS, summarized)
+        for i, conv in enumerate(convs):
+            assert conv[:1] == prev[2].messages[i]
+            assert conv[1] == {"role": "assistant", "content": reply(2, 1, i)}  # agent 2's own reply
+            assert conv[2]["role"] == "user"
+            assert conv[2]["content"] == PROMPTS.critique(contexts[i], summarized)
+            assert conv[2]["content"].startswith(head + contexts[i])
+            assert len(conv) == 3
+    # The previous turn is not mutated.
+    assert all(len(m) == 1 for m in prev[2].messages)
+
+
+def test_conversation_so_far() -> None:
+    batch = TurnBatch(messages=[[{"role": "user", "content": "q"}]], responses=["a"])
+    assert batch.conversation_so_far(0) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert batch.messages == [[{"role": "user", "content": "q"}]]
+
+
+@pytest.mark.parametrize("summarize", [True, False])
+def test_three_round_chain(summarize: bool) -> None:
+    """At round m an agent's conversation holds 2m-1 messages: its own replies and critic prompts."""
+    rounds = 3
+    turns = generator_round1()
+    for n in range(N):
+        assert all(len(m) == 1 for m in turns[n].messages)
+    history = [turns]
+    for m in range(2, rounds + 1):
+        new_turns = []
+        for n in range(N):
+            if summarize:
+                summ = summary_messages(QUESTIONS, turns, n, PROMPTS)
+                contexts = [f"summary for agent {n} of round {m - 1} problem {i}" for i in range(len(summ))]
+            else:
+                contexts = concatenated_contexts(QUESTIONS, turns, n, PROMPTS)
+            msgs = critic_messages(turns[n], contexts, PROMPTS, summarize)
+            new_turns.append(TurnBatch(msgs, [reply(n, m, i) for i in range(len(QUESTIONS))]))
+        turns = new_turns
+        history.append(turns)
+
+    for m, batches in enumerate(history, start=1):
+        for n, batch in enumerate(batches):
+            for i, conv in enumerate(batch.messages):
+                assert len(conv) == 2 * m - 1
+                assert [x["role"] for x in conv] == ["user", "assistant"] * (m - 1) + ["user"]
+                assert conv[0]["content"] == PROMPTS.question(QUESTIONS[i])
+                # The assistant turns are this agent's own replies, rounds 1..m-1, in order.
+                assert [x["content"] for x in conv[1::2]] == [reply(n, k, i) for k in range(1, m)]
+                # A prefix of the next round's conversation.
+                if m < rounds:
+                    assert history[m][n].messages[i][: 2 * m - 1] == conv
+    if not summarize:
+        # Without summaries, round 3 shows the other agents' round-2 replies, never round 1's.
+        last = history[2][0].messages[0][-1]["content"]
+        assert reply(1, 2, 0) in last and reply(2, 2, 0) in last
+        assert reply(1, 1, 0) not in last and reply(0, 2, 0) not in last
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-call seeds
+
+
+def test_derive_same_parts_same_seed() -> None:
+    base = SamplingParams(temperature=0.7, top_p=0.8, max_new_tokens=12, seed=5)
+    a = base.derive("eval", 3, 2, "generator", 1)
+    b = base.derive("eval", 3, 2, "generator", 1)
+    assert a == b
+    assert (a.temperature, a.top_p, a.max_new_tokens) == (0.7, 0.8, 12)
+    assert base.seed == 5  # frozen; derive returns a copy
+
+
+def test_derive_different_parts_different_seeds() -> None:
+    base = SamplingParams(seed=0)
+    seeds = {base.derive(shard, rnd, agent).seed
+             for shard in range(4) for rnd in (1, 2) for agent in range(3)}
+    assert len(seeds) == 4 * 2 * 3
+    assert base.derive(1).seed != base.seed
+    assert base.derive(1, 2).seed != base.derive(2, 1).seed  # order matters
+
+
+def test_derive_depends_on_the_base_seed() -> None:
+    assert SamplingParams(seed=0).derive("x", 1).seed != SamplingParams(seed=1).derive("x", 1).seed
+
+
+def test_derived_seed_fits_32_bits_and_is_stable() -> None:
+    seed = SamplingParams(seed=0).derive(0, 1, 2).seed
+    assert 0 <= seed < 2**32
+    # Pinned value: a seed that changed between processes or versions would break resumed shards.
+    assert seed == 215252838
