@@ -76,7 +76,7 @@ def main() -> None:
         f"task.finetune_size={args.problems}", "task.eval_size=0", f"debate.agents={args.agents}",
         f"debate.rounds={args.rounds}", f"debate.shard_size={args.shard_size}",
         f"sampling.max_new_tokens={args.max_new_tokens}", "resources.share_engine=true",
-        f"resources.num_cpus_per_agent={cpus}", "model.max_batch_size=512",
+        f"resources.num_cpus_per_agent={cpus}", "model.max_batch_size=512", "model.static_cache=true",
     ])
     task = make_task(config.task)
     problems = make_splits(task, config.task).finetune
@@ -112,7 +112,7 @@ def main() -> None:
         "speedup": round(sequential_s / coordinator_s, 2),
         "engine_efficiency": round(raw_engine_s / coordinator_s, 3),
         "machine": f"{platform.machine()} {cpus} CPUs, torch {torch.__version__}, no GPU",
-        "model": "tiny random Llama (2 layers, hidden 64, byte tokenizer)",
+        "model": "tiny random Llama (2 layers, hidden 64, character tokenizer)",
     }
     print(json.dumps(result))
 

@@ -84,6 +84,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     trust_remote_code: bool = False
     max_batch_size: int = 256  # HF engine: sequences per forward batch
+    static_cache: bool = False  # HF engine: preallocated KV cache (faster on CPU; memory = batch x max length)
     tensor_parallel_size: int = 1  # vLLM
     gpu_memory_utilization: float = 0.85  # vLLM; lower it to pack several agents on one GPU
     max_model_len: int | None = None  # vLLM

@@ -1,6 +1,6 @@
 """Built-in models: tiny Llama-architecture checkpoints built locally, never downloaded.
 
-``builtin:tiny-random`` is a randomly initialised 2-layer Llama with a byte-level tokenizer and a chat
+``builtin:tiny-random`` is a randomly initialised 2-layer Llama with a character-level tokenizer and a chat
 template. It answers nothing useful; it exists so that the whole pipeline (engines, actors, Ray Train)
 runs on a laptop CPU and in CI with a real Hugging Face model. Built models are cached under
 ``$MFT_CACHE_DIR`` (default ``~/.cache/mft_ray``) keyed by their settings, and written atomically.
@@ -21,6 +21,7 @@ from typing import Callable
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+UNK_TOKEN = "<|unk|>"
 
 # Roles open with a marker token and close with <|end|> (the EOS). Assistant content sits inside
 # {% generation %} so that `return_assistant_tokens_mask` can find the target tokens for training.
@@ -48,27 +49,30 @@ class TinyModelSpec:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 4096
     seed: int = 0
+    tokenizer: str = "char-v1"  # bump when build_tokenizer changes, so caches rebuild
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+
+
 def build_tokenizer():
-    """A byte-level tokenizer (one token per byte, no merges) with chat special tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A character-level tokenizer (printable ASCII, newline, tab; anything else is <|unk|>) with the
+    chat special tokens and template. One token per character keeps tiny models' vocabularies small
+    and makes every sampled token decode to valid text."""
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(SPECIAL_TOKENS)
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, UNK_TOKEN, *CHARACTERS])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens([*SPECIAL_TOKENS, UNK_TOKEN])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<|pad|>", eos_token="<|end|>", bos_token=None, unk_token=None
+        tokenizer_object=core, pad_token="<|pad|>", eos_token="<|end|>", unk_token=UNK_TOKEN,
+        bos_token=None, clean_up_tokenization_spaces=False,
     )
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"

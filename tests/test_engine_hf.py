@@ -58,15 +58,17 @@ def engines(lively_model: str):
 
     small = HFEngine(lively_model, dtype="float32", device="cpu", max_batch_size=2)
     large = HFEngine(lively_model, dtype="float32", device="cpu", max_batch_size=64)
-    yield small, large
+    static = HFEngine(lively_model, dtype="float32", device="cpu", max_batch_size=3, static_cache=True)
+    yield small, large, static
     small.close()
     large.close()
+    static.close()
 
 
 @pytest.fixture(scope="module")
 def alone(engines) -> list[str]:
     """Each conversation generated on its own (no padding at all)."""
-    _, large = engines
+    large = engines[1]
     return [large.generate([conv], GREEDY)[0] for conv in CONVERSATIONS]
 
 
@@ -76,17 +78,17 @@ def test_alone_outputs_are_distinct_and_non_empty(alone: list[str]) -> None:
     assert len(set(alone)) == len(alone)
 
 
-@pytest.mark.parametrize("which", ["small", "large"])
-def test_batched_greedy_equals_one_at_a_time(engines, alone: list[str], which: str) -> None:
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["small", "large", "static-cache"])
+def test_batched_greedy_equals_one_at_a_time(engines, alone: list[str], which: int) -> None:
     """Left padding and attention masks are right, and sub-batches are put back in input order."""
-    engine = engines[0] if which == "small" else engines[1]
+    engine = engines[which]
     out = engine.generate(CONVERSATIONS, GREEDY)
     assert len(out) == len(CONVERSATIONS)
     assert out == alone
 
 
 def test_output_order_follows_input_order(engines, alone: list[str]) -> None:
-    small, large = engines
+    small, large, _ = engines
     perm = [4, 0, 6, 2, 1, 5, 3]
     reordered = [CONVERSATIONS[i] for i in perm]
     for engine in (small, large):
@@ -94,13 +96,13 @@ def test_output_order_follows_input_order(engines, alone: list[str]) -> None:
 
 
 def test_duplicate_conversations_in_one_batch(engines, alone: list[str]) -> None:
-    small, _ = engines
+    small, _, _ = engines
     batch = [CONVERSATIONS[1], CONVERSATIONS[0], CONVERSATIONS[1]]
     assert small.generate(batch, GREEDY) == [alone[1], alone[0], alone[1]]
 
 
 def test_sampling_is_reproducible_by_seed(engines) -> None:
-    _, large = engines
+    _, large, _ = engines
     s1 = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=16, seed=1)
     s2 = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=16, seed=2)
     a = large.generate(CONVERSATIONS, s1)
@@ -112,13 +114,13 @@ def test_sampling_is_reproducible_by_seed(engines) -> None:
 
 
 def test_sampling_differs_from_greedy(engines, alone: list[str]) -> None:
-    _, large = engines
+    _, large, _ = engines
     sampled = large.generate(CONVERSATIONS, SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=16, seed=3))
     assert sampled != alone
 
 
 def test_max_new_tokens_bounds_the_output(engines, alone: list[str]) -> None:
-    _, large = engines
+    _, large, _ = engines
     short = large.generate(CONVERSATIONS, SamplingParams(temperature=0.0, max_new_tokens=2))
     # Byte-level tokens: 2 new tokens decode to at most 2 characters (a partial UTF-8 byte is one "\ufffd").
     assert all(len(text) <= 2 for text in short)
@@ -126,12 +128,12 @@ def test_max_new_tokens_bounds_the_output(engines, alone: list[str]) -> None:
 
 
 def test_empty_input_returns_empty_list(engines) -> None:
-    small, _ = engines
+    small, _, _ = engines
     assert small.generate([], GREEDY) == []
 
 
 def test_render_appends_generation_prompt_once(engines) -> None:
-    small, _ = engines
+    small, _, _ = engines
     tok = small.tokenizer
     ids = small.render([CONVERSATIONS[1]])[0]
     assistant = tok.convert_tokens_to_ids("<|assistant|>")

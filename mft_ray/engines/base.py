@@ -62,7 +62,7 @@ def make_engine(model: "ModelConfig", path: str | None = None) -> Engine:
         from mft_ray.engines.hf import HFEngine
 
         return HFEngine(resolved, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
-                        max_batch_size=model.max_batch_size)
+                        max_batch_size=model.max_batch_size, static_cache=model.static_cache)
     if model.engine == "vllm":
         from mft_ray.engines.vllm import VLLMEngine
 

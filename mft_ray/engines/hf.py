@@ -21,7 +21,8 @@ class HFEngine(Engine):
     """
 
     def __init__(self, path: str, dtype: str = "auto", device: str | None = None,
-                 trust_remote_code: bool = False, max_batch_size: int = 256) -> None:
+                 trust_remote_code: bool = False, max_batch_size: int = 256,
+                 static_cache: bool = False) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,6 +34,7 @@ class HFEngine(Engine):
         if dtype == "auto":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         self.max_batch_size = max_batch_size
+        self.static_cache = static_cache
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             self.model = AutoModelForCausalLM.from_pretrained(
@@ -66,6 +68,9 @@ class HFEngine(Engine):
         out: list[str] = [""] * len(prompts)
         torch.manual_seed(sampling.seed)
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if self.static_cache:
+            # Appending to a dynamic cache copies it every step; on CPU that copy dominates decoding.
+            kwargs["cache_implementation"] = "static"
         if sampling.temperature > 0:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
