@@ -167,6 +167,67 @@ class ResourcesConfig:
 
 
 @dataclass
+class RoleTrainConfig:
+    """Optimisation settings for one role (generators or critics)."""
+
+    learning_rate: float = 5e-6
+    epochs: int = 2
+    batch_size: int = 1
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    max_length: int = 4096
+
+    def validate(self, prefix: str) -> None:
+        _check(self.learning_rate > 0, f"{prefix}.learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.epochs >= 1, f"{prefix}.epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, f"{prefix}.grad_accum must be >= 1, got {self.grad_accum}")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.warmup_ratio < 1, f"{prefix}.warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        _check(self.max_length >= 8, f"{prefix}.max_length must be >= 8, got {self.max_length}")
+
+
+def _critic_defaults() -> RoleTrainConfig:
+    return RoleTrainConfig(learning_rate=5e-7, epochs=1)
+
+
+@dataclass
+class FinetuneConfig:
+    """Per-agent finetuning (Algorithm 1 lines 17-31). Defaults are the paper's Phi-3 settings."""
+
+    iterations: int = 2  # L
+    critic_mix_w: float = 0.5  # w: share of D^C- (corrected) in each critic's set
+    init_from: str = "previous"  # previous: iteration l starts from l-1's weights; base: from the base model
+    generator: RoleTrainConfig = field(default_factory=RoleTrainConfig)
+    critic: RoleTrainConfig = field(default_factory=_critic_defaults)
+    later_learning_rate: float | None = 5e-7  # both roles from iteration 2 on (paper); null = keep
+    later_weight_decay: float | None = 1e-3
+    zero_stage: int = 3
+    bf16: bool | None = None  # null = bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    num_workers: int = 1  # Ray Train workers per finetune
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 0  # Ray Train worker-group restarts before a finetune fails
+
+    def validate(self, prefix: str = "finetune") -> None:
+        _check(self.iterations >= 0, f"{prefix}.iterations must be >= 0, got {self.iterations}")
+        _check(0 <= self.critic_mix_w <= 1, f"{prefix}.critic_mix_w must lie in [0, 1], got {self.critic_mix_w}")
+        _check(self.init_from in ("previous", "base"), f"{prefix}.init_from must be previous or base")
+        self.generator.validate(f"{prefix}.generator")
+        self.critic.validate(f"{prefix}.critic")
+        if self.later_learning_rate is not None:
+            _check(self.later_learning_rate > 0, f"{prefix}.later_learning_rate must be > 0")
+        if self.later_weight_decay is not None:
+            _check(self.later_weight_decay >= 0, f"{prefix}.later_weight_decay must be >= 0")
+        _check(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage must be 0, 1, 2 or 3")
+        _check(self.num_workers >= 1, f"{prefix}.num_workers must be >= 1")
+        _check(self.cpus_per_worker >= 0 and self.gpus_per_worker >= 0, f"{prefix}: worker resources must be >= 0")
+        _check(self.max_failures >= 0, f"{prefix}.max_failures must be >= 0")
+
+
+@dataclass
 class Config:
     """A whole run. Every stage writes under ``run_dir`` (a local path)."""
 
@@ -177,6 +238,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     debate: DebateConfig = field(default_factory=DebateConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -226,6 +288,11 @@ def _coerce(value: Any, hint: Any, setting: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), f"{setting} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{setting} must be a number, got {value!r}")
         return float(value)
     if hint is str:
@@ -234,20 +301,30 @@ def _coerce(value: Any, hint: Any, setting: str) -> Any:
     return value
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build ``cls`` from a (partial) mapping; nested sections start from the field's own default."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         where = f"{prefix}.{key}" if prefix else key
-        _check(key in names, f"unknown setting {where!r}; known: {sorted(names)}")
+        _check(key in fields, f"unknown setting {where!r}; known: {sorted(fields)}")
     kwargs = {}
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else key
+        f = fields[key]
+        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                value = _merge(dataclasses.asdict(default), value)
         kwargs[key] = _coerce(value, hints[key], where)
-    if cls is Config:
-        return cls(**kwargs)
-    obj = cls(**kwargs)
-    return obj
+    return cls(**kwargs)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,0 +1,148 @@
+"""Per-agent finetuning sets from one iteration's debate records (Algorithm 1 lines 18-26).
+
+With ŷ the final-round majority of a problem and a ≡ b the task's equivalence:
+
+- D^G_n  = {(x, y[1,n]) : ans(y[1,n]) ≡ ŷ}: generator n learns only from its own round-1 replies.
+- D^C-_n = {(x, trajectory_n) : ans(y[1,n]) ≢ ŷ and ans(y[M,n]) ≡ ŷ}  (corrected; an unparseable
+  first answer counts as not ≡ ŷ)
+- D^C+_n = {(x, trajectory_n) : ans(y[1,n]) ≡ ŷ and ans(y[M,n]) ≡ ŷ}  (kept right)
+- D^C_n  = a mix with a share ``w`` from D^C-_n and ``1 - w`` from D^C+_n.
+
+**Mixing rule** (seeded, per agent): with a = |D^C-| and b = |D^C+|,
+- w = 1 takes all of D^C-, w = 0 all of D^C+;
+- if both sides are non-empty, the mix has size T = floor(min(a / w, b / (1 - w))): the side that is
+  scarcer relative to its share is kept whole and the other is subsampled without replacement to
+  round(w T) or T - round(w T) examples;
+- if one side is empty the requested share cannot be met: the non-empty side is used whole (and the
+  counts record this). The rule never fails and never invents examples.
+
+Problems whose majority is None (no agent gave a parseable final answer) contribute nothing. No
+ground truth is read anywhere here.
+
+A critic example is agent n's whole conversation (round-1 prompt, its round-1 reply, each critic
+prompt and reply). Its round-1 reply carries ``"weight": 0`` (the OpenAI fine-tuning convention) so
+that the loss covers only the critic turns (rounds 2..M): a critic is never trained on its own wrong
+first answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+
+logger = logging.getLogger(__name__)
+
+Example = dict[str, Any]  # {"problem_id": str, "messages": [{"role", "content", ["weight"]}, ...]}
+
+
+@dataclass
+class AgentSets:
+    """The finetuning sets of one agent index n."""
+
+    generator: list[Example] = field(default_factory=list)
+    corrected: list[Example] = field(default_factory=list)  # D^C-
+    kept: list[Example] = field(default_factory=list)  # D^C+
+    critic: list[Example] = field(default_factory=list)  # the w-mix
+
+    def counts(self) -> dict[str, int]:
+        return {"generator": len(self.generator), "critic_corrected": len(self.corrected),
+                "critic_kept": len(self.kept), "critic": len(self.critic)}
+
+
+def mix(corrected: Sequence[Example], kept: Sequence[Example], w: float, rng: random.Random) -> list[Example]:
+    """D^C = share ``w`` from ``corrected`` and ``1 - w`` from ``kept``; see the module docstring."""
+    a, b = len(corrected), len(kept)
+    if w >= 1 or b == 0:
+        chosen_c, chosen_k = list(corrected), []
+        if w < 1 and a:
+            logger.info("critic mix: D^C+ is empty, using all %d D^C- examples (w=%.2f not met)", a, w)
+    elif w <= 0 or a == 0:
+        chosen_c, chosen_k = [], list(kept)
+        if w > 0 and b:
+            logger.info("critic mix: D^C- is empty, using all %d D^C+ examples (w=%.2f not met)", b, w)
+    else:
+        total = math.floor(min(a / w, b / (1 - w)) + 1e-9)
+        n_c = min(a, round(w * total))
+        n_k = min(b, total - n_c)
+        chosen_c = rng.sample(list(corrected), n_c)
+        chosen_k = rng.sample(list(kept), n_k)
+    out = chosen_c + chosen_k
+    rng.shuffle(out)
+    return out
+
+
+def _by_problem(records: pa.Table) -> dict[str, dict[tuple[str, int, int], dict]]:
+    grouped: dict[str, dict[tuple[str, int, int], dict]] = defaultdict(dict)
+    for r in records.to_pylist():
+        grouped[r["problem_id"]][(r["role"], r["agent"], r["round"])] = r
+    return grouped
+
+
+def _conversation(row: dict) -> list[dict]:
+    """The row's prompt messages plus its reply, as plain role/content dicts."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    msgs.append({"role": "assistant", "content": row["response"]})
+    return msgs
+
+
+def build_agent_sets(records: pa.Table, equivalent: Callable[[str, str], bool], agents: int, rounds: int,
+                     w: float, seed: int) -> list[AgentSets]:
+    """D^G_n, D^C-_n, D^C+_n and the mixed D^C_n for every agent n, from one debate's records."""
+    sets = [AgentSets() for _ in range(agents)]
+
+    def same(answer: str | None, majority: str) -> bool:
+        return answer is not None and equivalent(majority, answer)
+
+    first_role = "generator"
+    final_role = "generator" if rounds == 1 else "critic"
+    for pid, rows in sorted(_by_problem(records).items()):
+        any_row = next(iter(rows.values()))
+        majority = any_row["majority"]
+        if majority is None:
+            continue
+        for n in range(agents):
+            first = rows.get((first_role, n, 1))
+            final = rows.get((final_role, n, rounds))
+            if first is None or final is None:
+                raise ValueError(f"problem {pid}: missing records for agent {n} (round 1 or {rounds})")
+            first_ok = same(first["answer"], majority)
+            if first_ok:
+                sets[n].generator.append({"problem_id": pid, "messages": _conversation(first)})
+            if rounds == 1 or not same(final["answer"], majority):
+                continue
+            messages = _conversation(final)
+            # messages: user(prompt0), assistant(y1), user(critic prompt), assistant(y2), ...
+            messages[1] = {**messages[1], "weight": 0}
+            example = {"problem_id": pid, "messages": messages}
+            (sets[n].kept if first_ok else sets[n].corrected).append(example)
+    for n, s in enumerate(sets):
+        s.critic = mix(s.corrected, s.kept, w, random.Random(f"{seed}:critic-mix:{n}"))
+    return sets
+
+
+def pooled(sets: Sequence[AgentSets]) -> list[Example]:
+    """Single-agent FT data: every agent's generator and critic examples in one set."""
+    return [ex for s in sets for ex in (*s.generator, *s.critic)]
+
+
+def majority_ft(records: pa.Table, equivalent: Callable[[str, str], bool], vote_seed: int) -> list[Example]:
+    """Majority FT data: round-1 replies (independent samples, no debate) that agree with the
+    majority vote over round 1."""
+    from mft_ray.voting import majority_vote, vote_rng
+
+    out = []
+    for pid, rows in sorted(_by_problem(records).items()):
+        first = [rows[k] for k in sorted(rows) if k[0] == "generator" and k[2] == 1]
+        vote = majority_vote([r["answer"] for r in first], equivalent, vote_rng(vote_seed, pid))
+        if vote.answer is None:
+            continue
+        for r in first:
+            if r["answer"] is not None and equivalent(vote.answer, r["answer"]):
+                out.append({"problem_id": pid, "messages": _conversation(r)})
+    return out

@@ -1,0 +1,1 @@
+"""Finetuning: chat-template tokenization with loss masks, and the Ray Train per-worker loop."""
