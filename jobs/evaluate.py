@@ -17,21 +17,19 @@ from mft_ray.config import Config
 from mft_ray.evaluation import evaluate_records
 from mft_ray.records import read_records, write_json_atomic
 from mft_ray.rundir import RunDir
-from mft_ray.tasks import make_splits, make_task
+from mft_ray.society import Member
+from mft_ray.tasks import Problem, Task, make_splits, make_task
 
 logger = logging.getLogger("mft_ray.jobs.evaluate")
 
 
-def main(config: Config, iteration: int = 0) -> dict[str, Any]:
+def evaluate_society(config: Config, run: RunDir, task: Task, problems: Sequence[Problem], iteration: int,
+                     model_paths: dict[Member, str] | None) -> dict[str, Any]:
+    """Society ``iteration`` debates ``problems``; score it and write iter_<l>/metrics.json."""
     from actors.launch import debate_split
 
-    run = RunDir(config.run_dir)
-    task = make_task(config.task)
-    problems = make_splits(task, config.task).eval
-    run.prepare(config)
-    init_ray()
     out = run.debate_dir(iteration, "eval")
-    debate_split(config, iteration, "eval", problems, out)
+    debate_split(config, iteration, "eval", problems, out, model_paths)
     metrics = {"iteration": iteration, "task": config.task.name, "agents": config.debate.agents,
                **evaluate_records(read_records(out), problems, task, seed=config.seed)}
     write_json_atomic(metrics, run.metrics_path(iteration))
@@ -41,9 +39,23 @@ def main(config: Config, iteration: int = 0) -> dict[str, Any]:
     return metrics
 
 
+def main(config: Config, iteration: int = 0) -> dict[str, Any]:
+    """Evaluate society ``iteration`` (0 = the base model; l >= 1 needs jobs.iterate's checkpoints)."""
+    from jobs.iterate import society_paths
+
+    run = RunDir(config.run_dir)
+    task = make_task(config.task)
+    problems = make_splits(task, config.task).eval
+    run.prepare(config)
+    init_ray()
+    return evaluate_society(config, run, task, problems, iteration, society_paths(config, run, iteration))
+
+
 def cli(argv: Sequence[str] | None = None) -> None:
-    args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
-    main(parse_config(args))
+    parser = base_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--iteration", type=int, default=0, help="which society to evaluate (default 0: base)")
+    args = parser.parse_args(argv)
+    main(parse_config(args), args.iteration)
 
 
 if __name__ == "__main__":

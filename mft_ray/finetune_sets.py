@@ -10,9 +10,10 @@ With ŷ the final-round majority of a problem and a ≡ b the task's equivalence
 
 **Mixing rule** (seeded, per agent): with a = |D^C-| and b = |D^C+|,
 - w = 1 takes all of D^C-, w = 0 all of D^C+;
-- if both sides are non-empty, the mix has size T = floor(min(a / w, b / (1 - w))): the side that is
-  scarcer relative to its share is kept whole and the other is subsampled without replacement to
-  round(w T) or T - round(w T) examples;
+- if both sides are non-empty, let T = floor(min(a / w, b / (1 - w))): the side that is scarcer
+  relative to its share is kept whole and the other is subsampled without replacement to round(w T)
+  (corrected) or T - round(w T) (kept) examples (so the mix has T examples, or T + 1 where rounding
+  w T would otherwise have dropped one of the scarce side);
 - if one side is empty the requested share cannot be met: the non-empty side is used whole (and the
   counts record this). The rule never fails and never invents examples.
 
@@ -68,8 +69,11 @@ def mix(corrected: Sequence[Example], kept: Sequence[Example], w: float, rng: ra
             logger.info("critic mix: D^C- is empty, using all %d D^C+ examples (w=%.2f not met)", b, w)
     else:
         total = math.floor(min(a / w, b / (1 - w)) + 1e-9)
-        n_c = min(a, round(w * total))
-        n_k = min(b, total - n_c)
+        # The scarcer side is kept whole even where round(w T) would drop one of its examples.
+        if a / w <= b / (1 - w):
+            n_c, n_k = a, min(b, total - round(w * total))
+        else:
+            n_c, n_k = min(a, round(w * total)), b
         chosen_c = rng.sample(list(corrected), n_c)
         chosen_k = rng.sample(list(kept), n_k)
     out = chosen_c + chosen_k

@@ -35,9 +35,12 @@ def encode_example(tokenizer: Any, messages: Sequence[dict], max_length: int) ->
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) == 0:
             continue
-        start = len(_ids(tokenizer, messages[:i], add_generation_prompt=True))
+        prompt = _ids(tokenizer, messages[:i], add_generation_prompt=True)
+        start = len(prompt)
         upto = _ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if full[: len(upto)] != upto or start > len(upto):
+        # Both renderings must be prefixes of the whole: for the last turn ``upto`` is the whole, so
+        # only the prompt check can catch a template that renders a prefix differently.
+        if full[: len(upto)] != upto or start > len(upto) or full[:start] != prompt:
             raise TemplateError(
                 f"the chat template of {getattr(tokenizer, 'name_or_path', 'this tokenizer')} does not render "
                 f"turn {i} as a prefix of the whole conversation; cannot place the loss mask"

@@ -1,0 +1,173 @@
+"""Multiagent finetuning for L iterations (Algorithm 1), then evaluation of every society (Algorithm 2).
+
+    python -m jobs.iterate --config jobs/configs/tiny_cpu.yaml [key.sub=value ...]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m jobs.iterate --config jobs/configs/tiny_cpu.yaml run_dir=/abs/path/run
+
+Iteration 0 evaluates the base society (the Debate baseline). Iteration l = 1..L: society l-1 debates
+the finetune split -> per-agent datasets -> 2N finetunes (concurrent) -> society l debates the
+evaluation split -> metrics. Every stage's output lands in the run directory and is skipped when
+found complete, so rerunning the same command after a crash resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from jobs.common import base_parser, init_ray, parse_config, run_cli
+from jobs.evaluate import evaluate_society
+from mft_ray.config import Config
+from mft_ray.finetune_sets import build_agent_sets, majority_ft, pooled
+from mft_ray.models import resolve_model_path
+from mft_ray.records import read_records, write_json_atomic
+from mft_ray.rundir import RunDir
+from mft_ray.society import CRITIC, GENERATOR, Member, society_members
+from mft_ray.tasks import Task, make_splits, make_task
+
+logger = logging.getLogger("mft_ray.jobs.iterate")
+
+
+def _write_jsonl_atomic(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def society_paths(config: Config, run: RunDir, iteration: int) -> dict[Member, str] | None:
+    """Weights of each member of society ``iteration`` (None = everyone is the base model)."""
+    if iteration == 0:
+        return None
+    saved = run.read_society(iteration)
+    if saved is None:
+        raise RuntimeError(f"society of iteration {iteration} is not built yet ({run.society_path(iteration)})")
+    return {m: saved.get(str(m), config.model.path)
+            for m in society_members(config.debate.agents, config.debate.summarize)}
+
+
+def build_datasets(config: Config, run: RunDir, task: Task, iteration: int) -> dict[str, Any]:
+    """Write iteration ``iteration``'s per-agent sets from society ``iteration-1``'s finetune debate."""
+    out = run.datasets_dir(iteration)
+    marker = out / "counts.json"
+    if marker.is_file():
+        logger.info("iteration %d: datasets already built (%s)", iteration, marker)
+        return json.loads(marker.read_text())
+    records = read_records(run.debate_dir(iteration - 1, "finetune"))
+    sets = build_agent_sets(records, task.equivalent, config.debate.agents, config.debate.rounds,
+                            config.finetune.critic_mix_w, seed=config.seed + iteration)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, Any] = {}
+    for n, agent_sets in enumerate(sets):
+        _write_jsonl_atomic(agent_sets.generator, out / f"{GENERATOR}_{n}.jsonl")
+        _write_jsonl_atomic(agent_sets.critic, out / f"{CRITIC}_{n}.jsonl")
+        counts[f"agent_{n}"] = agent_sets.counts()
+    _write_jsonl_atomic(pooled(sets), out / "single_agent.jsonl")
+    _write_jsonl_atomic(majority_ft(records, task.equivalent, config.seed), out / "majority_ft.jsonl")
+    counts["problems"] = len(set(records.column("problem_id").to_pylist()))
+    counts["problems_with_majority"] = len({r["problem_id"] for r in records.select(
+        ["problem_id", "majority"]).to_pylist() if r["majority"] is not None})
+    write_json_atomic(counts, marker)
+    logger.info("iteration %d datasets: %s", iteration, counts)
+    return counts
+
+
+def _hyper(config: Config, role: str, iteration: int, n: int) -> dict[str, Any]:
+    ft = config.finetune
+    h = dataclasses.asdict(ft.generator if role == GENERATOR else ft.critic)
+    if iteration >= 2 and ft.later_learning_rate is not None:
+        h["learning_rate"] = ft.later_learning_rate
+    if iteration >= 2 and ft.later_weight_decay is not None:
+        h["weight_decay"] = ft.later_weight_decay
+    digest = hashlib.sha256(f"{config.seed}:{iteration}:{role}:{n}".encode()).digest()
+    h.update(zero_stage=ft.zero_stage, gradient_checkpointing=ft.gradient_checkpointing,
+             bf16=ft.bf16 if ft.bf16 is not None else ft.gpus_per_worker > 0,
+             trust_remote_code=config.model.trust_remote_code, seed=int.from_bytes(digest[:4], "little"))
+    return h
+
+
+def finetune_society(config: Config, run: RunDir, iteration: int) -> dict[str, Any]:
+    """Finetune every generator and critic of iteration ``iteration`` on its own set; save society.json."""
+    from actors.finetune import FinetuneJob, run_finetunes
+
+    if run.read_society(iteration) is not None:
+        logger.info("iteration %d: society already finetuned", iteration)
+        return json.loads((run.iteration_dir(iteration) / "finetunes.json").read_text())
+    base = resolve_model_path(config.model.path)
+    previous = society_paths(config, run, iteration - 1) if config.finetune.init_from == "previous" else None
+    jobs, society = [], {}
+    for role in (GENERATOR, CRITIC):
+        for n in range(config.debate.agents):
+            member = Member(role, n)
+            init = resolve_model_path(previous[member]) if previous else base
+            data = run.datasets_dir(iteration) / f"{member}.jsonl"
+            if data.stat().st_size == 0:
+                # Nothing agreed with the majority: the agent keeps its weights this iteration.
+                logger.warning("iteration %d: %s has no finetuning examples; it keeps %s", iteration, member, init)
+                society[str(member)] = init
+                continue
+            out = run.agent_dir(iteration, str(member))
+            jobs.append(FinetuneJob(str(member), init, str(data), str(out), _hyper(config, role, iteration, n)))
+            society[str(member)] = str(out)
+    ft = config.finetune
+    logger.info("iteration %d: %d finetunes (%s)", iteration, len(jobs), ", ".join(j.name for j in jobs))
+    results = run_finetunes(jobs, ft.num_workers, ft.cpus_per_worker, ft.gpus_per_worker, ft.max_failures,
+                            storage_path=str(run.iteration_dir(iteration) / "ray_train"))
+    write_json_atomic(results, run.iteration_dir(iteration) / "finetunes.json")
+    write_json_atomic(society, run.society_path(iteration))  # last: marks the stage done
+    return results
+
+
+def main(config: Config) -> dict[str, Any]:
+    from actors.launch import debate_split
+
+    run = RunDir(config.run_dir)
+    task = make_task(config.task)
+    splits = make_splits(task, config.task)
+    run.prepare(config)
+    init_ray()
+    L = config.finetune.iterations
+    summary: dict[str, Any] = {"task": config.task.name, "agents": config.debate.agents,
+                               "rounds": config.debate.rounds, "iterations": []}
+    start = time.time()
+
+    def record(entry: dict[str, Any]) -> None:
+        summary["iterations"].append(entry)
+        write_json_atomic(summary, run.summary_path)
+
+    logger.info("[iteration 0/%d] evaluating the base society (debate baseline)", L)
+    record({**evaluate_society(config, run, task, splits.eval, 0, None), "datasets": None})
+    for it in range(1, L + 1):
+        logger.info("[iteration %d/%d] stage 1/4: society %d debates the finetune split (%d problems)",
+                    it, L, it - 1, len(splits.finetune))
+        debate_split(config, it - 1, "finetune", splits.finetune, run.debate_dir(it - 1, "finetune"),
+                     society_paths(config, run, it - 1))
+        logger.info("[iteration %d/%d] stage 2/4: building per-agent datasets", it, L)
+        counts = build_datasets(config, run, task, it)
+        logger.info("[iteration %d/%d] stage 3/4: finetuning %d agents", it, L, 2 * config.debate.agents)
+        finetunes = finetune_society(config, run, it)
+        logger.info("[iteration %d/%d] stage 4/4: society %d debates the evaluation split", it, L, it)
+        metrics = evaluate_society(config, run, task, splits.eval, it, society_paths(config, run, it))
+        record({**metrics, "datasets": counts,
+                "finetunes": {k: {"examples": v["examples"], "loss_before": v["loss_before"],
+                                  "loss_after": v["loss_after"]} for k, v in finetunes.items()}})
+        logger.info("[iteration %d/%d] done after %.0fs: accuracy %.3f ± %.3f", it, L, time.time() - start,
+                    metrics["accuracy"], metrics["stderr"])
+    return summary
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
+    summary = main(parse_config(args))
+    for entry in summary["iterations"]:
+        print(f"iteration {entry['iteration']}: accuracy {entry['accuracy']:.3f} ± {entry['stderr']:.3f}  "
+              f"consensus {entry['consensus']:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(cli))
