@@ -138,7 +138,19 @@ def _tiny_random() -> Path:
     return _build_cached("tiny-random", spec.key(), lambda p: build_tiny_llama(p, spec))
 
 
-BUILTIN_MODELS: dict[str, Callable[[], Path]] = {"tiny-random": _tiny_random}
+def _testbed(mini: bool) -> Path:
+    from mft_ray.testbed import MINI_TESTBED, TestbedSpec, pretrain
+
+    spec = MINI_TESTBED if mini else TestbedSpec()
+    name = "testbed-mini" if mini else "testbed"
+    return _build_cached(name, spec.key(), lambda p: pretrain(p, spec))
+
+
+BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
+    "tiny-random": _tiny_random,  # random weights: exercises the pipeline, answers nothing
+    "testbed": lambda: _testbed(mini=False),  # pretrained on arithmetic debate turns (see testbed.py)
+    "testbed-mini": lambda: _testbed(mini=True),  # a 30-second version for tests: parseable, rarely right
+}
 
 
 def resolve_model_path(path: str) -> str:

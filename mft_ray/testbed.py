@@ -46,6 +46,14 @@ class TestbedSpec:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+# A 2-layer model and a few hundred steps: it learns the answer format (most replies parse) but not
+# the arithmetic. Enough for tests of the finetuning pipeline, which need majorities to exist.
+MINI_TESTBED = TestbedSpec(
+    model=TinyModelSpec(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, max_position_embeddings=2048),
+    steps=200, batch_size=8)
+
+
 def solve(ops: tuple[int, ...], rng: random.Random, slip_rate: float) -> tuple[str, int]:
     """A step-by-step solution of a+b*c+d-e*f; with probability ``slip_rate`` one step is off."""
     a, b, c, d, e, f = ops
@@ -81,11 +89,21 @@ def debate_conversations(rng: random.Random, spec: TestbedSpec, prompts: PromptS
     others = [first[1][1], first[2][1]]
     summary = " ".join(f"Agent {k + 1} answered {v}." for k, v in enumerate(others))
     convs.append([*summary_prompt, {"role": "assistant", "content": summary}])
-    critic_prompt = critic_messages(prev[0], [summary], prompts, summarized=True)[0]
-    # The critic re-solves, with a lower slip rate: seeing other answers helps (a little).
-    text, _ = solve(ops, rng, spec.slip_rate / 2)
-    convs.append([*critic_prompt, {"role": "assistant", "content": text}])
+    critic_prompt = critic_messages(prev[0], [summary], prompts, summarized=True)
+    convs.append([*critic_prompt[0], {"role": "assistant", "content": critic_reply(first, ops, rng, spec)}])
     return convs
+
+
+def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random.Random,
+                 spec: TestbedSpec) -> str:
+    """What critic 0 says after seeing the others, the way debating LLMs tend to behave: join two
+    agreeing others, otherwise mostly keep its own answer, sometimes solve again more carefully."""
+    (own_text, own), others = first[0], [v for _, v in first[1:]]
+    if others[0] == others[1] and others[0] != own and rng.random() < 0.7:
+        return f"The other agents agree. \\boxed{{{others[0]}}}"
+    if rng.random() < 0.6:
+        return own_text
+    return solve(ops, rng, spec.slip_rate / 2)[0]
 
 
 def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
@@ -118,7 +136,7 @@ def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
         sched.step()
         opt.zero_grad()
         if step % 100 == 0 or step == spec.steps - 1:
-            logger.info("testbed pretraining step %d/%d: loss %.3f", step + 1, spec.steps, float(loss))
+            logger.info("testbed pretraining step %d/%d: loss %.3f", step + 1, spec.steps, float(loss.detach()))
     model.save_pretrained(out)
     (Path(out) / "testbed.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
     return Path(out)

@@ -33,7 +33,7 @@ def read_examples(path: str) -> list[dict[str, Any]]:
 
 def deepspeed_config(cfg: dict[str, Any], total_steps: int) -> dict[str, Any]:
     """DeepSpeed config for one finetune. The optimizer is torch's AdamW (no compiled op needed)."""
-    warmup = max(0, math.ceil(cfg["warmup_ratio"] * total_steps))
+    warmup = max(1, math.ceil(cfg["warmup_ratio"] * total_steps))  # DeepSpeed needs >= 1
     return {
         "train_micro_batch_size_per_gpu": cfg["batch_size"],
         "gradient_accumulation_steps": cfg["grad_accum"],
@@ -121,7 +121,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             loss = engine(**inputs).loss
             engine.backward(loss)
             engine.step()
-            running += float(loss) * len(batch)
+            running += float(loss.detach()) * len(batch)
             seen += len(batch)
         epoch_losses.append(running / max(seen, 1))
         ray.train.report({"epoch": epoch + 1, "train_loss": epoch_losses[-1]})
