@@ -46,12 +46,13 @@ class TestbedSpec:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-# A 2-layer model and a few hundred steps: it learns the answer format (most replies parse) but not
-# the arithmetic. Enough for tests of the finetuning pipeline, which need majorities to exist.
+# A 2-layer model and a few hundred steps on operands 0..3: it learns the answer format (most replies
+# parse) and answers in a small range, so agents often agree. Enough for tests of the finetuning
+# pipeline, which need majorities to exist; use it with task.max_int=3.
 MINI_TESTBED = TestbedSpec(
     model=TinyModelSpec(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=4, max_position_embeddings=2048),
-    steps=200, batch_size=8)
+    steps=200, batch_size=8, max_int=3)
 
 
 def solve(ops: tuple[int, ...], rng: random.Random, slip_rate: float) -> tuple[str, int]:
@@ -100,9 +101,9 @@ def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random
     agreeing others, otherwise mostly keep its own answer, sometimes solve again more carefully."""
     (own_text, own), others = first[0], [v for _, v in first[1:]]
     if others[0] == others[1] and others[0] != own and rng.random() < 0.7:
-        return f"The other agents agree. \\boxed{{{others[0]}}}"
+        return f"The other agents agree on {others[0]}. \\boxed{{{others[0]}}}"
     if rng.random() < 0.6:
-        return own_text
+        return f"I keep my answer. \\boxed{{{own}}}"
     return solve(ops, rng, spec.slip_rate / 2)[0]
 
 

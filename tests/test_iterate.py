@@ -24,6 +24,9 @@ pytestmark = pytest.mark.integration
 OVERRIDES = [
     "task.finetune_size=24", "task.eval_size=12", "debate.shard_size=12", "sampling.max_new_tokens=72",
     "finetune.iterations=2", "resources.num_cpus_per_agent=0.5",
+    # The mini testbed was pretrained on operands 0..3; a lower temperature makes agents agree often
+    # enough that every agent gets data.
+    "task.max_int=3", "sampling.temperature=0.7",
 ]
 
 
@@ -68,7 +71,7 @@ def test_two_iterations_produce_metrics_datasets_and_checkpoints(full_run, testb
         counts = saved["iterations"][it]["datasets"]
         assert sum(counts[f"agent_{n}"]["generator"] for n in range(3)) > 0
         society = json.loads((run_dir / f"iter_{it}" / "society.json").read_text())
-        assert set(society) == {f"{r}_{n}" for r in ("generator", "critic") for n in range(3)} | {"summarizer"} - {"summarizer"} or True
+        assert set(society) == {f"{r}_{n}" for r in ("generator", "critic") for n in range(3)}
     # Every finetuned agent: checkpoint reloads, differs from its parent, and its loss fell.
     base = _params(testbed_mini)
     trained = 0

@@ -32,9 +32,10 @@ def read_examples(path: str) -> list[dict[str, Any]]:
 
 
 def deepspeed_config(cfg: dict[str, Any], total_steps: int) -> dict[str, Any]:
-    """DeepSpeed config for one finetune. The optimizer is torch's AdamW (no compiled op needed)."""
-    warmup = max(1, math.ceil(cfg["warmup_ratio"] * total_steps))  # DeepSpeed needs >= 1
-    return {
+    """DeepSpeed config for one finetune. The optimizer is torch's AdamW (no compiled op needed); the
+    learning rate warms up linearly over ``warmup_ratio`` of the steps, then stays constant."""
+    warmup = math.ceil(cfg["warmup_ratio"] * total_steps)
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg["batch_size"],
         "gradient_accumulation_steps": cfg["grad_accum"],
         "gradient_clipping": 1.0,
@@ -42,11 +43,14 @@ def deepspeed_config(cfg: dict[str, Any], total_steps: int) -> dict[str, Any]:
         "bf16": {"enabled": bool(cfg["bf16"])},
         "optimizer": {"type": "AdamW", "params": {"lr": cfg["learning_rate"], "weight_decay": cfg["weight_decay"],
                                                   "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg["learning_rate"],
-                                                     "warmup_num_steps": warmup, "warmup_type": "linear"}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if warmup > 0:  # WarmupLR starts at 0: with no warmup asked for, use no scheduler at all
+        config["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": cfg["learning_rate"], "warmup_num_steps": warmup,
+            "warmup_type": "linear"}}
+    return config
 
 
 def _batches(items: list, size: int) -> list[list]:
