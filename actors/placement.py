@@ -32,7 +32,7 @@ def place(bundles: list[dict[str, float]], strategy: str = "PACK", timeout_s: fl
     for b in bundles:
         need.update(b)
     have = ray.cluster_resources()
-    short = {k: v for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    short = {k: v - have.get(k, 0.0) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
     if short:
         raise PlacementError(
             f"{name or 'society'} needs {_fmt(dict(need))} in {len(bundles)} bundles, but the whole cluster "

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.integration
 
 OVERRIDES = [
     "task.finetune_size=24", "task.eval_size=12", "debate.shard_size=12", "sampling.max_new_tokens=72",
-    "finetune.iterations=2", "resources.num_cpus_per_agent=0.5",
+    "finetune.iterations=2", "finetune.generator.learning_rate=2e-4", "finetune.critic.learning_rate=2e-4",
+    "finetune.later_learning_rate=1e-4", "finetune.generator.epochs=3", "finetune.critic.epochs=3",
+    "finetune.generator.batch_size=4", "finetune.critic.batch_size=4",
     # The mini testbed was pretrained on operands 0..3; a lower temperature makes agents agree often
     # enough that every agent gets data.
     "task.max_int=3", "sampling.temperature=0.7",
