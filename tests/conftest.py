@@ -24,6 +24,14 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
+@pytest.fixture(scope="session")
+def testbed_mini(tmp_path_factory) -> str:
+    """The mini testbed (pretrained ~30 s on arithmetic debate turns): its answers parse and agree."""
+    from mft_ray.testbed import MINI_TESTBED, pretrain
+
+    return str(pretrain(tmp_path_factory.mktemp("testbed-mini"), MINI_TESTBED))
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A real local Ray instance with 2 CPUs, started once per test module."""

@@ -1,7 +1,7 @@
 """Integration: `jobs.iterate` end to end on real Ray + Ray Train + DeepSpeed (CPU, gloo).
 
-A mini testbed model (pretrained for ~30 s on arithmetic debate turns so that its answers parse)
-runs 2 iterations with 3 agents and 2 rounds on a few dozen problems.
+The mini testbed (jobs/configs/iterate_cpu.yaml) runs 2 iterations with 3 agents and 2 rounds on a
+few dozen problems.
 """
 
 from __future__ import annotations
@@ -21,26 +21,11 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
-OVERRIDES = [
-    "task.finetune_size=24", "task.eval_size=12", "debate.shard_size=12", "sampling.max_new_tokens=72",
-    "finetune.iterations=2", "finetune.generator.learning_rate=2e-4", "finetune.critic.learning_rate=2e-4",
-    "finetune.later_learning_rate=1e-4", "finetune.generator.epochs=3", "finetune.critic.epochs=3",
-    "finetune.generator.batch_size=4", "finetune.critic.batch_size=4",
-    # The mini testbed was pretrained on operands 0..3; a lower temperature makes agents agree often
-    # enough that every agent gets data.
-    "task.max_int=3", "sampling.temperature=0.7",
-]
-
-
-@pytest.fixture(scope="module")
-def testbed_mini(tmp_path_factory) -> str:
-    from mft_ray.testbed import MINI_TESTBED, pretrain
-
-    return str(pretrain(tmp_path_factory.mktemp("testbed-mini"), MINI_TESTBED))
+OVERRIDES = ["task.finetune_size=24", "task.eval_size=12", "debate.shard_size=12"]
 
 
 def _config(run_dir: Path, model: str):
-    return load_config(REPO / "jobs/configs/tiny_cpu.yaml", [*OVERRIDES, f"run_dir={run_dir}", f"model.path={model}"])
+    return load_config(REPO / "jobs/configs/iterate_cpu.yaml", [*OVERRIDES, f"run_dir={run_dir}", f"model.path={model}"])
 
 
 def _params(path: str):
@@ -108,7 +93,7 @@ def test_killed_job_resumes_to_the_same_result(full_run, testbed_mini, tmp_path)
     """SIGKILL the job driver mid-finetune, rerun the same command: same final metrics and weights."""
     run_dir, first = full_run
     resumed = tmp_path / "run"
-    cmd = [sys.executable, "-m", "jobs.iterate", "--config", "jobs/configs/tiny_cpu.yaml", *OVERRIDES,
+    cmd = [sys.executable, "-m", "jobs.iterate", "--config", "jobs/configs/iterate_cpu.yaml", *OVERRIDES,
            f"run_dir={resumed}", f"model.path={testbed_mini}"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -86,3 +86,23 @@ def test_job_submit_bad_config_fails_clearly(ray_head):
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "debate.agents must be >= 1" in done.stdout + done.stderr
+
+
+def test_job_submit_iterate_runs_one_iteration(ray_head, testbed_mini, tmp_path):
+    import json
+
+    address, env = ray_head
+    run_dir = tmp_path / "run"
+    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "-m", "jobs.iterate", "--config", "jobs/configs/iterate_cpu.yaml",
+           f"run_dir={run_dir}", f"model.path={testbed_mini}", "task.finetune_size=12", "task.eval_size=6",
+           "finetune.iterations=1", "finetune.generator.epochs=1", "finetune.critic.epochs=1"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
+    society = json.loads((run_dir / "iter_1" / "society.json").read_text())
+    finetuned = [m for m, p in society.items() if p == str(run_dir / "iter_1" / m)]
+    assert finetuned, "no agent was finetuned"
+    for member in finetuned:
+        assert (run_dir / "iter_1" / member / "config.json").is_file()
