@@ -31,6 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/debate_throughput.py
+	$(BIN)/python benchmarks/finetune_concurrency.py
 
 clean:
 	rm -rf $(VENV) .cache runs
