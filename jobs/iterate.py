@@ -18,7 +18,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from jobs.common import base_parser, init_ray, parse_config, run_cli
@@ -26,18 +25,12 @@ from jobs.evaluate import evaluate_society
 from mft_ray.config import Config
 from mft_ray.finetune_sets import build_agent_sets, majority_ft, pooled
 from mft_ray.models import resolve_model_path
-from mft_ray.records import read_records, write_json_atomic
+from mft_ray.records import read_records, write_json_atomic, write_jsonl_atomic
 from mft_ray.rundir import RunDir
 from mft_ray.society import CRITIC, GENERATOR, Member, society_members
 from mft_ray.tasks import Task, make_splits, make_task
 
 logger = logging.getLogger("mft_ray.jobs.iterate")
-
-
-def _write_jsonl_atomic(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
 
 
 def society_paths(config: Config, run: RunDir, iteration: int) -> dict[Member, str] | None:
@@ -64,11 +57,11 @@ def build_datasets(config: Config, run: RunDir, task: Task, iteration: int) -> d
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, Any] = {}
     for n, agent_sets in enumerate(sets):
-        _write_jsonl_atomic(agent_sets.generator, out / f"{GENERATOR}_{n}.jsonl")
-        _write_jsonl_atomic(agent_sets.critic, out / f"{CRITIC}_{n}.jsonl")
+        write_jsonl_atomic(agent_sets.generator, out / f"{GENERATOR}_{n}.jsonl")
+        write_jsonl_atomic(agent_sets.critic, out / f"{CRITIC}_{n}.jsonl")
         counts[f"agent_{n}"] = agent_sets.counts()
-    _write_jsonl_atomic(pooled(sets), out / "single_agent.jsonl")
-    _write_jsonl_atomic(majority_ft(records, task.equivalent, config.seed), out / "majority_ft.jsonl")
+    write_jsonl_atomic(pooled(sets), out / "single_agent.jsonl")
+    write_jsonl_atomic(majority_ft(records, task.equivalent, config.seed), out / "majority_ft.jsonl")
     counts["problems"] = len(set(records.column("problem_id").to_pylist()))
     counts["problems_with_majority"] = len({r["problem_id"] for r in records.select(
         ["problem_id", "majority"]).to_pylist() if r["majority"] is not None})

@@ -110,12 +110,21 @@ def read_records(directory: str | os.PathLike) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
 
 
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` via a temporary file and ``os.replace``: the file is complete or absent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def write_jsonl_atomic(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> None:
+    write_text_atomic("".join(json.dumps(r) + "\n" for r in rows), path)

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from mft_ray.config import Config, ConfigError, dump_config
+from mft_ray.records import write_text_atomic
 
 
 class RunDir:
@@ -60,6 +61,4 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"run_dir {str(self.root)!r} is not writable: {exc.strerror or exc}") from exc
-        tmp = self.root / f".config.yaml.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(dump_config(config))
-        os.replace(tmp, self.root / "config.yaml")
+        write_text_atomic(dump_config(config), self.root / "config.yaml")

@@ -45,12 +45,14 @@ def test_shipped_config_loads_and_matches_its_yaml(path: Path) -> None:
     assert isinstance(cfg, Config)
     raw = yaml.safe_load(path.read_text())
     # Every value written in the file ends up in the config (nothing silently dropped or defaulted).
-    for section, values in raw.items():
-        if isinstance(values, dict):
-            for key, value in values.items():
-                assert getattr(getattr(cfg, section), key) == value, f"{path.name}: {section}.{key}"
-        else:
-            assert getattr(cfg, section) == values
+    def check(node: object, values: dict, where: str) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                check(getattr(node, key), value, f"{where}{key}.")
+            else:
+                assert getattr(node, key) == value, f"{path.name}: {where}{key}"
+
+    check(cfg, raw, "")
     cfg.validate()
 
 

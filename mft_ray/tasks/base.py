@@ -233,14 +233,18 @@ def squash(text: str) -> str:
     return "".join(text.split())
 
 
-class NumericTask(Task, ABC):
-    r"""A task whose answers are numbers written in ``\boxed{}``."""
+class BoxedTask(Task, ABC):
+    r"""A task whose final answer is the content of the last ``\boxed{}`` of a response."""
 
     def extract_answer(self, text: str) -> str | None:
         content = last_boxed(text)
         if content is None or not content.strip():
             return None
         return content.strip()
+
+
+class NumericTask(BoxedTask, ABC):
+    r"""A task whose answers are numbers written in ``\boxed{}``."""
 
     def equivalent(self, a: str, b: str) -> bool:
         return numbers_equal(a, b)

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from mft_ray.tasks.base import (
+    BoxedTask,
     DataError,
     Problem,
-    Task,
     check_type,
     last_boxed,
     normalize_subject,
@@ -127,7 +127,7 @@ def math_equivalent(gold: str, pred: str) -> bool:
     return _equivalent(gold, pred, _timeout())
 
 
-class MATHTask(Task):
+class MATHTask(BoxedTask):
     """Records ``{problem, level, subject|type, answer|solution[, unique_id]}``, filtered by level and subject."""
 
     name = "math"
@@ -180,12 +180,6 @@ class MATHTask(Task):
         if boxed is None:
             raise DataError(f"{path}:{lineno}: no field 'answer' and no \\boxed{{}} answer in field 'solution'")
         return boxed.strip()
-
-    def extract_answer(self, text: str) -> str | None:
-        content = last_boxed(text)
-        if content is None or not content.strip():
-            return None
-        return content.strip()
 
     def equivalent(self, a: str, b: str) -> bool:
         return math_equivalent(a, b)
