@@ -36,10 +36,11 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    # Token auth set up by a local ray.init() would break later CLI calls on the same machine.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address or None, log_to_driver=True,
-             include_dashboard=False if not address else None)
+    if not address:
+        # A throwaway local instance: token auth set up by a local ray.init() would only break later
+        # CLI calls on this machine. A cluster's own auth mode (RAY_ADDRESS set) is left alone.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address or None, log_to_driver=True, include_dashboard=False if not address else None)
     logger.info("ray: %s", ray.cluster_resources())
 
 
