@@ -19,7 +19,7 @@ from ray.experimental import tqdm_ray
 from mft_ray.config import Config, config_from_dict
 from mft_ray.debate import TurnBatch
 from mft_ray.engines import SamplingParams
-from mft_ray.records import shard_is_complete, write_shard
+from mft_ray.records import shard_is_complete, split_shards, write_shard
 from mft_ray.society import CRITIC, GENERATOR, SUMMARIZER
 from mft_ray.tasks import make_task
 from mft_ray.voting import majority_vote, vote_rng
@@ -53,7 +53,7 @@ class DebateCoordinator:
         """Debate ``problems`` ([(id, question)]) and write shards under ``out_dir``; skip finished ones."""
         cfg = self.config.debate
         start = time.time()
-        shards = [problems[i:i + cfg.shard_size] for i in range(0, len(problems), cfg.shard_size)]
+        shards = split_shards(problems, cfg.shard_size)
         pending: deque = deque()
         skipped = 0
         self.bar = tqdm_ray.tqdm(total=len(shards), desc=f"debate {split} iter {iteration} (shards)")

@@ -8,6 +8,7 @@ its worker group). A finished finetune is recognised by its exported checkpoint 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,11 +37,13 @@ def checkpoint_is_complete(path: str | Path) -> bool:
     return (p / "config.json").is_file() and (p / "train_metrics.json").is_file()
 
 
+def read_train_metrics(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "train_metrics.json").read_text())
+
+
 @ray.remote(num_cpus=0)
 def _fit(job: FinetuneJob, workers: int, cpus: float, gpus: float, max_failures: int,
          storage_path: str) -> dict[str, Any]:
-    import json
-
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -56,21 +59,19 @@ def _fit(job: FinetuneJob, workers: int, cpus: float, gpus: float, max_failures:
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     trainer.fit()
-    return json.loads((Path(job.output_dir) / "train_metrics.json").read_text())
+    return read_train_metrics(job.output_dir)
 
 
 def run_finetunes(jobs: list[FinetuneJob], workers: int = 1, cpus_per_worker: float = 1.0,
                   gpus_per_worker: float = 0.0, max_failures: int = 0,
                   storage_path: str | None = None) -> dict[str, dict[str, Any]]:
     """Run every job not already complete, concurrently; return each job's training metrics."""
-    import json
-
     results: dict[str, dict[str, Any]] = {}
     pending = {}
     for job in jobs:
         if checkpoint_is_complete(job.output_dir):
             logger.info("finetune %s: checkpoint already complete at %s, skipping", job.name, job.output_dir)
-            results[job.name] = json.loads((Path(job.output_dir) / "train_metrics.json").read_text())
+            results[job.name] = read_train_metrics(job.output_dir)
             continue
         storage = storage_path or str(Path(job.output_dir).parent / "ray_train")
         ref = _fit.remote(job, workers, cpus_per_worker, gpus_per_worker, max_failures, storage)

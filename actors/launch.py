@@ -11,7 +11,7 @@ import ray
 from actors.coordinator import DebateCoordinator
 from actors.society import SocietyActors
 from mft_ray.config import Config
-from mft_ray.records import shard_is_complete
+from mft_ray.records import shard_is_complete, split_shards
 from mft_ray.society import Member
 from mft_ray.tasks import Problem
 
@@ -19,11 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 def all_shards_complete(config: Config, problems: Sequence[Problem], out_dir: str | Path) -> bool:
-    size = config.debate.shard_size
-    return all(
-        shard_is_complete(out_dir, k, [p.id for p in problems[i:i + size]])
-        for k, i in enumerate(range(0, len(problems), size))
-    )
+    return all(shard_is_complete(out_dir, k, [p.id for p in shard])
+               for k, shard in enumerate(split_shards(problems, config.debate.shard_size)))
 
 
 def debate_split(config: Config, iteration: int, split: str, problems: Sequence[Problem],

@@ -42,6 +42,11 @@ class RecordsError(RuntimeError):
     """A run directory holds records that do not match this run."""
 
 
+def split_shards(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """Consecutive shards of ``size`` items: shard k holds items[k*size:(k+1)*size]."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def shard_path(directory: str | os.PathLike, index: int) -> Path:
     return Path(directory) / f"shard_{index:05d}.parquet"
 

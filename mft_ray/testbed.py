@@ -99,7 +99,7 @@ def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random
                  spec: TestbedSpec) -> str:
     """What critic 0 says after seeing the others, the way debating LLMs tend to behave: join two
     agreeing others, otherwise mostly keep its own answer, sometimes solve again more carefully."""
-    (own_text, own), others = first[0], [v for _, v in first[1:]]
+    own, others = first[0][1], [v for _, v in first[1:]]
     if others[0] == others[1] and others[0] != own and rng.random() < 0.7:
         return f"The other agents agree on {others[0]}. \\boxed{{{others[0]}}}"
     if rng.random() < 0.6:

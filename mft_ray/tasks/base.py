@@ -340,6 +340,12 @@ def require(
     return check_type(record[field], field, path, lineno, types)
 
 
+def record_id(record: dict[str, Any], field: str, prefix: str, path: str, lineno: int) -> str:
+    """The row's own id from ``field`` if present, else ``"{prefix}:{file stem}:{line}"``."""
+    given = optional(record, field, path, lineno, (str, int))
+    return str(given) if given is not None else f"{prefix}:{Path(path).stem}:{lineno}"
+
+
 def optional(
     record: dict[str, Any],
     field: str,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from mft_ray.tasks.base import DataError, NumericTask, Problem, optional, read_rows, require
+from mft_ray.tasks.base import DataError, NumericTask, Problem, read_rows, record_id, require
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +25,6 @@ class GSM8KTask(NumericTask):
 
     def _load(self) -> list[Problem]:
         path = self._require_path()
-        stem = Path(path).stem
         problems: list[Problem] = []
         for lineno, record in read_rows(path):
             question = require(record, "question", path, lineno)
@@ -36,10 +34,9 @@ class GSM8KTask(NumericTask):
                 raise DataError(f"{path}:{lineno}: field 'answer' has no '{ANSWER_MARK}' before the final answer")
             if not answer:
                 raise DataError(f"{path}:{lineno}: field 'answer' has nothing after '{ANSWER_MARK}'")
-            given_id = optional(record, "id", path, lineno, (str, int))
             problems.append(
                 Problem(
-                    id=str(given_id) if given_id is not None else f"gsm8k:{stem}:{lineno}",
+                    id=record_id(record, "id", "gsm8k", path, lineno),
                     question=question,
                     answer=answer,
                     meta={"line": lineno, "solution": solution.rsplit(ANSWER_MARK, 1)[0].rstrip()},

@@ -17,7 +17,6 @@ import math
 import re
 import threading
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from mft_ray.tasks.base import (
@@ -29,6 +28,7 @@ from mft_ray.tasks.base import (
     normalize_subject,
     optional,
     read_rows,
+    record_id,
     require,
     squash,
 )
@@ -143,7 +143,6 @@ class MATHTask(BoxedTask):
 
     def _load(self) -> list[Problem]:
         path = self._require_path()
-        stem = Path(path).stem
         levels = set(self.config.levels) if self.config.levels is not None else None
         subjects = {normalize_subject(s) for s in self.config.subjects} if self.config.subjects is not None else None
         problems: list[Problem] = []
@@ -156,10 +155,9 @@ class MATHTask(BoxedTask):
                 continue  # also drops "Level ?" records, whose level is unknown
             if subjects is not None and (subject is None or normalize_subject(subject) not in subjects):
                 continue
-            given_id = optional(record, "unique_id", path, lineno, (str, int))
             problems.append(
                 Problem(
-                    id=str(given_id) if given_id is not None else f"math:{stem}:{lineno}",
+                    id=record_id(record, "unique_id", "math", path, lineno),
                     question=question,
                     answer=answer,
                     meta={"line": lineno, "level": level, "subject": subject, "solution": record.get("solution")},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 from typing import Any
 
 from mft_ray.tasks.base import (
@@ -15,6 +14,7 @@ from mft_ray.tasks.base import (
     normalize_subject,
     optional,
     read_rows,
+    record_id,
     require,
 )
 
@@ -73,7 +73,6 @@ class MMLUTask(Task):
 
     def _load(self) -> list[Problem]:
         path = self._require_path()
-        stem = Path(path).stem
         subjects = {normalize_subject(s) for s in self.config.subjects} if self.config.subjects is not None else None
         problems: list[Problem] = []
         for lineno, record in read_rows(path):
@@ -81,16 +80,13 @@ class MMLUTask(Task):
             choices = require(record, "choices", path, lineno, (list, tuple))
             if len(choices) != len(LETTERS) or not all(isinstance(c, str) for c in choices):
                 raise DataError(f"{path}:{lineno}: field 'choices' must be a list of 4 strings")
-            if record.get("answer") is None:
-                raise DataError(f"{path}:{lineno}: missing field 'answer'")
-            answer = answer_letter(record["answer"], path, lineno)
+            answer = answer_letter(require(record, "answer", path, lineno, (str, int)), path, lineno)
             subject = optional(record, "subject", path, lineno)
             if subjects is not None and (subject is None or normalize_subject(subject) not in subjects):
                 continue
-            given_id = optional(record, "id", path, lineno, (str, int))
             problems.append(
                 Problem(
-                    id=str(given_id) if given_id is not None else f"mmlu:{stem}:{lineno}",
+                    id=record_id(record, "id", "mmlu", path, lineno),
                     question=format_question(question, list(choices)),
                     answer=answer,
                     meta={"line": lineno, "subject": subject, "choices": list(choices)},
