@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jobs.evaluate --config jobs/configs/tiny_cpu.yaml run_dir=runs/demo
+	$(BIN)/python -m jobs.iterate --config jobs/configs/demo_cpu.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -25,6 +25,7 @@ from jobs.evaluate import evaluate_society
 from mft_ray.config import Config
 from mft_ray.finetune_sets import build_agent_sets, majority_ft, pooled
 from mft_ray.models import resolve_model_path
+from mft_ray.reports import TABLE_NAME, write_report
 from mft_ray.records import read_records, write_json_atomic, write_jsonl_atomic
 from mft_ray.rundir import RunDir
 from mft_ray.society import CRITIC, GENERATOR, Member, society_members
@@ -151,15 +152,16 @@ def main(config: Config) -> dict[str, Any]:
                                   "loss_after": v["loss_after"]} for k, v in finetunes.items()}})
         logger.info("[iteration %d/%d] done after %.0fs: accuracy %.3f ± %.3f", it, L, time.time() - start,
                     metrics["accuracy"], metrics["stderr"])
+    summary["table"] = write_report(run.root, summary)
+    summary["report"] = str(run.root / TABLE_NAME)
     return summary
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
     args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
     summary = main(parse_config(args))
-    for entry in summary["iterations"]:
-        print(f"iteration {entry['iteration']}: accuracy {entry['accuracy']:.3f} ± {entry['stderr']:.3f}  "
-              f"consensus {entry['consensus']:.3f}")
+    print(summary["table"])
+    print(f"(also in {summary['report']})")
 
 
 if __name__ == "__main__":

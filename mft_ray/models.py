@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -57,17 +58,40 @@ class TinyModelSpec:
 
 
 CHARACTERS = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+MAX_NUMBER_TOKEN = 999  # the "words" tokenizer has one token for each integer -999..999
 
 
-def build_tokenizer():
-    """A character-level tokenizer (printable ASCII, newline, tab; anything else is <|unk|>) with the
-    chat special tokens and template. One token per character keeps tiny models' vocabularies small
-    and makes every sampled token decode to valid text."""
-    from tokenizers import Tokenizer, decoders, models
+def build_tokenizer(kind: str = "char-v1", words: tuple[str, ...] = ()):
+    """A small tokenizer with the chat special tokens and template.
+
+    ``char-v1``: one token per character (printable ASCII, newline, tab; anything else is <|unk|>).
+    ``words-v1``: additionally one token per listed word (with its leading space, if any) and per
+    integer -999..999, so that arithmetic turns are ~4x shorter and a number is one token; any other
+    text still falls back to characters, so every string round-trips. Either way every sampled token
+    decodes to valid text.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, UNK_TOKEN, *CHARACTERS])}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
+    pieces = list(CHARACTERS)
+    if kind == "words-v1":
+        word_list = sorted(set(words), key=lambda w: (-len(w), w))
+        pieces += [str(n) for n in range(-MAX_NUMBER_TOKEN, 0)] + [str(n) for n in range(10, MAX_NUMBER_TOKEN + 1)]
+        pieces += [p for w in word_list for p in (w, " " + w) if p not in pieces]
+    elif kind != "char-v1":
+        raise ValueError(f"unknown tokenizer kind {kind!r}; known: char-v1, words-v1")
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, UNK_TOKEN, *pieces])}
+    if kind == "char-v1":
+        core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
+    else:
+        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+        # Every pre-token is a known word, a number of at most 3 digits or one character: all in vocab.
+        # A minus sign belongs to the number only where a value starts (after "=", "{" or a space), so
+        # "5-3" stays an expression while "=-2" is the single token "-2".
+        alternatives = "|".join(re.escape(w) for w in word_list)
+        pattern = (rf" ?(?<![A-Za-z])(?:{alternatives})(?![A-Za-z])|(?<=[={{ ])-\d{{1,3}}|(?<!\d)\d{{1,3}}"
+                   r"|[\s\S]")
+        core.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     core.decoder = decoders.Fuse()
     core.add_special_tokens([*SPECIAL_TOKENS, UNK_TOKEN])
     tok = PreTrainedTokenizerFast(
@@ -79,12 +103,15 @@ def build_tokenizer():
     return tok
 
 
-def build_tiny_llama(out_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Build a randomly initialised tiny Llama + tokenizer and ``save_pretrained`` both to ``out_dir``."""
+def build_tiny_llama(out_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec(),
+                     words: tuple[str, ...] = ()) -> Path:
+    """Build a randomly initialised tiny Llama + tokenizer and ``save_pretrained`` both to ``out_dir``.
+
+    ``words`` are the whole-word tokens of a ``words-v1`` tokenizer (``spec.tokenizer``)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tok = build_tokenizer()
+    tok = build_tokenizer(spec.tokenizer, words)
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=spec.hidden_size,
@@ -133,24 +160,33 @@ def _build_cached(name: str, key: str, builder: Callable[[Path], object]) -> Pat
     return target
 
 
-def _tiny_random() -> Path:
-    spec = TinyModelSpec()
-    return _build_cached("tiny-random", spec.key(), lambda p: build_tiny_llama(p, spec))
+def _testbed_spec(name: str):
+    from mft_ray.testbed import MINI_TESTBED, TestbedSpec
+
+    return MINI_TESTBED if name == "testbed-mini" else TestbedSpec()
 
 
-def _testbed(mini: bool) -> Path:
-    from mft_ray.testbed import MINI_TESTBED, TestbedSpec, pretrain
+def _builder(name: str) -> tuple[str, Callable[[Path], object]]:
+    """The cache key of a built-in model and the function that builds it into a directory."""
+    if name == "tiny-random":
+        spec = TinyModelSpec()
+        return spec.key(), lambda p: build_tiny_llama(p, spec)
+    from mft_ray.testbed import pretrain
 
-    spec = MINI_TESTBED if mini else TestbedSpec()
-    name = "testbed-mini" if mini else "testbed"
-    return _build_cached(name, spec.key(), lambda p: pretrain(p, spec))
+    testbed = _testbed_spec(name)
+    return testbed.key(), lambda p: pretrain(p, testbed)
 
 
-BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
-    "tiny-random": _tiny_random,  # random weights: exercises the pipeline, answers nothing
-    "testbed": lambda: _testbed(mini=False),  # pretrained on arithmetic debate turns (see testbed.py)
-    "testbed-mini": lambda: _testbed(mini=True),  # a 30-second version for tests: parseable, rarely right
+BUILTIN_MODELS: dict[str, str] = {
+    "tiny-random": "random weights: exercises the pipeline, answers nothing",
+    "testbed": "pretrained on arithmetic debate turns in ~8 minutes; answers 30-70% right (see testbed.py)",
+    "testbed-mini": "a 30-second version for tests (operands 0..3): parseable, agents often agree",
 }
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Where built-in model ``name`` is (or will be) cached; builds nothing."""
+    return cache_dir() / "models" / f"{name}-{_builder(name)[0]}"
 
 
 def resolve_model_path(path: str) -> str:
@@ -161,5 +197,6 @@ def resolve_model_path(path: str) -> str:
         name = path[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_MODELS:
             raise ValueError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
-        return str(BUILTIN_MODELS[name]())
+        key, build = _builder(name)
+        return str(_build_cached(name, key, build))
     return path

@@ -8,6 +8,7 @@
     <run_dir>/iter_<l>/<role>_<n>/              finetuned Hugging Face checkpoints
     <run_dir>/iter_<l>/society.json             which weights each member of society l uses
     <run_dir>/metrics.json                      every iteration's metrics and dataset sizes
+    <run_dir>/results.md, accuracy.png          the results table and plot (jobs.iterate, at the end)
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,36 +24,68 @@ from mft_ray.prompts import PromptSet
 
 logger = logging.getLogger(__name__)
 
+# Periods of the Fourier features: units, tens, hundreds, and 2000 to tell -336 from 664.
+FOURIER_PERIODS = (10, 100, 1000, 2000)
 ARITH_INSTRUCTION = "Put your final answer in the form \\boxed{answer} at the end of your response."
 
 
 @dataclass(frozen=True)
 class TestbedSpec:
-    """Everything that determines the testbed; all of it enters the cache key."""
+    """Everything that determines the testbed; all of it enters the cache key.
 
-    model: TinyModelSpec = TinyModelSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+    Pretraining has two phases. Phase 1 (``steps``): ``arith_batch`` rows of ``arith_seq`` tokens packed
+    with round-1 conversations (the debate's prompt and a correct step-by-step solution), the loss on
+    every token: cheap, and it is where the arithmetic is learnt. Phase 2 (``debate_steps``, its own
+    optimizer at ``debate_learning_rate``): whole debate conversations of ``debate_problems`` problems
+    per step (generator, summarizer and critic turns, loss on those turns only, solutions slipping
+    ``slip_rate`` of the time so that agents' answers differ as in a real debate), plus half as many
+    packed rows as phase 1 so that the arithmetic is not unlearnt. Measured alternatives: training the
+    debate turns from the first step at full learning rate ruined the arithmetic, running them at the
+    tail of phase 1's schedule learnt their format too slowly, and a fresh optimizer at 1e-3 without
+    the packed rows unlearnt copying the operands.
+    """
+
+    model: TinyModelSpec = TinyModelSpec(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                                           num_attention_heads=4, num_key_value_heads=4,
-                                          max_position_embeddings=2048)
-    steps: int = 600
-    batch_size: int = 16
+                                          max_position_embeddings=1024, tokenizer="words-v1")
+    steps: int = 850
+    arith_batch: int = 16
+    arith_seq: int = 256
     learning_rate: float = 3e-3
-    slip_rate: float = 0.35  # share of solutions with one deliberate arithmetic slip
+    debate_steps: int = 200
+    debate_problems: int = 3
+    debate_learning_rate: float = 5e-4
+    # Number tokens (-999..999) start from Fourier features of their value, so that adding or
+    # subtracting numbers is a rotation the model can learn in minutes instead of a table to memorise.
+    fourier_scale: float = 1.0
+    slip_rate: float = 0.15
     max_int: int = 30
     seed: int = 0
 
     def key(self) -> str:
         import hashlib
 
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        blob = json.dumps([asdict(self), testbed_words()], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
 
 
-# A 2-layer model and a few hundred steps on operands 0..3: it learns the answer format (most replies
-# parse) and answers in a small range, so agents often agree. Enough for tests of the finetuning
-# pipeline, which need majorities to exist; use it with task.max_int=3.
+# The same recipe, reduced to ~30 s: a 2-layer model on operands 0..3. Its answers parse and agents
+# often agree, which the tests of the finetuning pipeline need; use it with task.max_int=3.
 MINI_TESTBED = TestbedSpec(
     model=TinyModelSpec(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=4, max_position_embeddings=2048),
-    steps=200, batch_size=8, max_int=3)
+                        num_key_value_heads=4, max_position_embeddings=1024, tokenizer="words-v1"),
+    steps=100, arith_batch=8, debate_steps=60, debate_problems=3, max_int=3)
+
+
+def testbed_words() -> list[str]:
+    """The vocabulary words of the testbed tokenizer: every word of the debate's prompts and replies."""
+    prompts = PromptSet(ARITH_INSTRUCTION)
+    text = " ".join([
+        prompts.question(_question((1, 2, 3, 4, 5, 6))), prompts.summary("q", ["a", "b"]),
+        prompts.critique("c", summarized=True), prompts.critique("c", summarized=False),
+        prompts.concatenate(["a"]), _summary([1, 2]), _joined(1), _kept(1),
+    ])
+    return sorted(set(re.findall(r"[A-Za-z]+", text)))
 
 
 def solve(ops: tuple[int, ...], rng: random.Random, slip_rate: float) -> tuple[str, int]:
@@ -88,11 +121,23 @@ def debate_conversations(rng: random.Random, spec: TestbedSpec, prompts: PromptS
     prev = [TurnBatch(round1_messages([q], prompts), [text]) for text, _ in first]
     summary_prompt = summary_messages([q], prev, 0, prompts)[0]
     others = [first[1][1], first[2][1]]
-    summary = " ".join(f"Agent {k + 1} answered {v}." for k, v in enumerate(others))
+    summary = _summary(others)
     convs.append([*summary_prompt, {"role": "assistant", "content": summary}])
     critic_prompt = critic_messages(prev[0], [summary], prompts, summarized=True)
     convs.append([*critic_prompt[0], {"role": "assistant", "content": critic_reply(first, ops, rng, spec)}])
     return convs
+
+
+def _summary(answers: list[int]) -> str:
+    return " ".join(f"Agent {k + 1} answered {v}." for k, v in enumerate(answers))
+
+
+def _joined(answer: int) -> str:
+    return f"The other agents agree on {answer}. \\boxed{{{answer}}}"
+
+
+def _kept(answer: int) -> str:
+    return f"I keep my answer. \\boxed{{{answer}}}"
 
 
 def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random.Random,
@@ -101,43 +146,99 @@ def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random
     agreeing others, otherwise mostly keep its own answer, sometimes solve again more carefully."""
     own, others = first[0][1], [v for _, v in first[1:]]
     if others[0] == others[1] and others[0] != own and rng.random() < 0.7:
-        return f"The other agents agree on {others[0]}. \\boxed{{{others[0]}}}"
+        return _joined(others[0])
     if rng.random() < 0.6:
-        return f"I keep my answer. \\boxed{{{own}}}"
+        return _kept(own)
     return solve(ops, rng, spec.slip_rate / 2)[0]
 
 
-def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
-    """Build the tiny Llama and pretrain it on generated debate turns (loss on assistant turns)."""
+def _fourier_init(model, tok, scale: float) -> None:
+    """Write cos/sin of each number token's value into its first embedding dims."""
     import torch
+
+    from mft_ray.models import MAX_NUMBER_TOKEN
+
+    if scale <= 0:
+        return
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for n in range(-MAX_NUMBER_TOKEN, MAX_NUMBER_TOKEN + 1):
+            angles = [2 * math.pi * n / period for period in FOURIER_PERIODS]
+            feats = [f(a) for a in angles for f in (math.cos, math.sin)]
+            emb[tok.convert_tokens_to_ids(str(n)), : len(feats)] = torch.tensor(feats) * scale
+
+
+def _schedule(opt, steps: int):
+    import torch
+
+    steps, warmup = max(1, steps), max(1, min(50, steps // 10))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def _step(model, opt, sched, loss) -> None:
+    import torch
+
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
+    """Build the tiny Llama and pretrain it on packed solutions and debate turns (see TestbedSpec)."""
+    import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mft_ray.training.tokenize import collate, encode_example
 
-    out = build_tiny_llama(out_dir, spec.model)
+    out = build_tiny_llama(out_dir, spec.model, words=tuple(testbed_words()))
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
-    prompts = PromptSet(ARITH_INSTRUCTION)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, spec.steps) / spec.steps)))
+    _fourier_init(model, tok, spec.fourier_scale)
     model.train()
-    pool: list[dict] = []
+    bar = tqdm(total=spec.steps + spec.debate_steps, desc="pretraining the testbed", unit="step", mininterval=2)
+    prompts = PromptSet(ARITH_INSTRUCTION)
+
+    def packed_rows(count: int):
+        rows = []
+        for _ in range(count):
+            ids: list[int] = []
+            while len(ids) < spec.arith_seq:
+                # The whole rendered round-1 conversation, so that operands are copied from where the
+                # debate's prompt puts them (a bare question teaches copying from the wrong offsets).
+                ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
+                conv = [*round1_messages([_question(ops)], prompts)[0],
+                        {"role": "assistant", "content": solve(ops, rng, 0.0)[0]}]
+                ids += tok.apply_chat_template(conv, tokenize=True, return_dict=False)
+            rows.append(ids[: spec.arith_seq])
+        x = torch.tensor(rows)
+        return model(input_ids=x, labels=x).loss
+
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
+    sched = _schedule(opt, spec.steps)
     for step in range(spec.steps):
-        while len(pool) < spec.batch_size:
-            pool.extend(e for e in (encode_example(tok, c, spec.model.max_position_embeddings)
-                                    for c in debate_conversations(rng, spec, prompts)) if e)
-        batch, pool = pool[:spec.batch_size], pool[spec.batch_size:]
-        loss = model(**collate(batch, tok.pad_token_id)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % 100 == 0 or step == spec.steps - 1:
-            logger.info("testbed pretraining step %d/%d: loss %.3f", step + 1, spec.steps, float(loss.detach()))
+        loss = packed_rows(spec.arith_batch)
+        _step(model, opt, sched, loss)
+        bar.update()
+        if step % 25 == 0:
+            bar.set_postfix(phase="solutions", loss=f"{float(loss.detach()):.3f}", refresh=False)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.debate_learning_rate, weight_decay=0.01)
+    sched = _schedule(opt, spec.debate_steps)
+    for step in range(spec.debate_steps):
+        turns = [e for _ in range(spec.debate_problems) for c in debate_conversations(rng, spec, prompts)
+                 if (e := encode_example(tok, c, spec.model.max_position_embeddings))]
+        loss = model(**collate(turns, tok.pad_token_id)).loss
+        _step(model, opt, sched, loss + packed_rows(max(1, spec.arith_batch // 2)))
+        bar.update()
+        if step % 25 == 0:
+            bar.set_postfix(phase="debate turns", loss=f"{float(loss.detach()):.3f}", refresh=False)
+    bar.close()
     model.save_pretrained(out)
     (Path(out) / "testbed.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
     return Path(out)

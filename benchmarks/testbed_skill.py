@@ -1,0 +1,95 @@
+"""How good is the CPU testbed? Build time and single-answer skill on the evaluation split.
+
+    python benchmarks/testbed_skill.py [--config jobs/configs/demo_cpu.yaml] [--samples 3] [--rebuild]
+
+Builds ``model.path`` (a ``builtin:`` testbed; timed, unless it is cached and --rebuild is not given),
+then asks every evaluation problem of the config's task ``--samples`` times with the round-1 generator
+prompt, under the config's sampling settings and greedily, with the HF engine. Reports single-sample
+accuracy ± standard error (the issue's target is 30%-70%), greedy accuracy, parse rate, how varied the
+wrong answers are, and majority-of-samples accuracy. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main() -> None:
+    import torch
+
+    from mft_ray.config import BUILTIN_PREFIX, load_config
+    from mft_ray.debate import round1_messages
+    from mft_ray.engines.base import SamplingParams, make_engine
+    from mft_ray.evaluation import accuracy_with_stderr
+    from mft_ray.models import builtin_model_dir, resolve_model_path
+    from mft_ray.prompts import PromptSet
+    from mft_ray.tasks.registry import make_task
+    from mft_ray.tasks.splits import make_splits
+    from mft_ray.voting import majority_vote, vote_rng
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="jobs/configs/demo_cpu.yaml")
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--rebuild", action="store_true", help="delete the cached testbed and time a build")
+    args = parser.parse_args()
+    cfg = load_config(args.config)
+
+    name = cfg.model.path.removeprefix(BUILTIN_PREFIX)
+    cached = builtin_model_dir(name)
+    if args.rebuild and cached.exists():
+        shutil.rmtree(cached)
+    was_cached = (cached / "config.json").is_file()
+    start = time.perf_counter()
+    path = resolve_model_path(cfg.model.path)
+    build_s = None if was_cached else round(time.perf_counter() - start, 1)
+
+    task = make_task(cfg.task)
+    problems = make_splits(task, cfg.task).eval
+    prompts = PromptSet(task.answer_instruction)
+    convs = round1_messages([p.question for p in problems], prompts)
+    engine = make_engine(cfg.model, path)
+    base = SamplingParams.from_config(cfg.sampling)
+    start = time.perf_counter()
+    samples = [[task.extract_answer(t) for t in engine.generate(convs, base.derive("skill", k))]
+               for k in range(args.samples)]
+    gen_s = time.perf_counter() - start
+    greedy = [task.extract_answer(t) for t in engine.generate(convs, SamplingParams(
+        temperature=0.0, top_p=1.0, max_new_tokens=cfg.sampling.max_new_tokens))]
+
+    single = [task.is_correct(s[i], p.answer) for s in samples for i, p in enumerate(problems)]
+    acc, se = accuracy_with_stderr(single)
+    wrong = [s[i] for s in samples for i, p in enumerate(problems) if not task.is_correct(s[i], p.answer)]
+    votes = [majority_vote([s[i] for s in samples], task.equivalent, vote_rng(cfg.seed, p.id))
+             for i, p in enumerate(problems)]
+    majority = [task.is_correct(v.answer, p.answer) for v, p in zip(votes, problems)]
+    result = {
+        "model": cfg.model.path, "build_s": build_s, "was_cached": was_cached, "eval_problems": len(problems), "samples": args.samples,
+        "temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
+        "single_accuracy": round(acc, 4), "single_stderr": round(se, 4),
+        "greedy_accuracy": round(sum(task.is_correct(g, p.answer) for g, p in zip(greedy, problems))
+                                 / len(problems), 4),
+        "parse_rate": round(sum(a is not None for s in samples for a in s) / len(single), 4),
+        # Varied errors: share of wrong answers that are unique among the wrong answers to their problem.
+        "distinct_wrong_share": round(len(set(wrong)) / max(1, len(wrong)), 4),
+        "most_common_wrong": Counter(wrong).most_common(3),
+        f"majority_of_{args.samples}_accuracy": round(sum(majority) / len(problems), 4),
+        "all_samples_agree": round(sum(v.consensus == 1.0 for v in votes) / len(problems), 4),
+        "generate_s_per_sample_pass": round(gen_s / args.samples, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

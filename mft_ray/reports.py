@@ -1,0 +1,113 @@
+"""Reports of a run directory: the results table (Markdown) and a plot of accuracy per iteration.
+
+The rows follow the paper's comparison on one task: Base (one agent, one sample), Majority (N
+independent samples, vote; both read from iteration 0's round-1 records), Debate (the untrained society,
+iteration 0) and Multiagent FT after each finetuning iteration. Every accuracy is the share of the
+evaluation split answered correctly, with its standard error sqrt(p(1-p)/n).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from mft_ray.records import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+TABLE_NAME = "results.md"
+PLOT_NAME = "accuracy.png"
+
+
+def _examples(datasets: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(generator examples, critic examples) summed over agents, from an iteration's counts.json."""
+    if not datasets:
+        return None
+    agents = [v for k, v in datasets.items() if k.startswith("agent_")]
+    return sum(a["generator"] for a in agents), sum(a["critic"] for a in agents)
+
+
+def result_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method/iteration from ``<run_dir>/metrics.json`` (written by ``jobs.iterate``)."""
+    iterations = sorted(summary["iterations"], key=lambda e: e["iteration"])
+    if not iterations or iterations[0]["iteration"] != 0:
+        raise ValueError("metrics.json has no iteration 0 (the debate baseline)")
+    first = iterations[0]
+    n = summary.get("agents", "N")
+    rows = [
+        {"method": "Base (one sample)", "iteration": 0, "accuracy": first["base_accuracy"],
+         "stderr": first["base_stderr"], "consensus": None, "examples": None},
+        {"method": f"Majority ({n} samples)", "iteration": 0, "accuracy": first["majority_accuracy"],
+         "stderr": first["majority_stderr"], "consensus": None, "examples": None},
+    ]
+    for entry in iterations:
+        it = entry["iteration"]
+        rows.append({"method": "Debate (iteration 0)" if it == 0 else f"Multiagent FT (iteration {it})",
+                     "iteration": it, "accuracy": entry["accuracy"], "stderr": entry["stderr"],
+                     "consensus": entry["consensus"], "examples": _examples(entry.get("datasets"))})
+    debate = rows[2]
+    for row in rows:
+        # How far each row is from Debate, in standard errors of the difference of two accuracies.
+        se = math.hypot(row["stderr"], debate["stderr"])
+        row["vs_debate_se"] = (row["accuracy"] - debate["accuracy"]) / se if se > 0 else 0.0
+    return rows
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The results table as Markdown, with the evaluation split's size in the header line."""
+    rows = result_rows(summary)
+    problems = summary["iterations"][0].get("problems", "?")
+    lines = [
+        f"Task {summary.get('task', '?')}: {summary.get('agents', '?')} agents, {summary.get('rounds', '?')} "
+        f"rounds, {problems} evaluation problems.",
+        "",
+        "| Method | Accuracy ± SE | vs Debate (SE) | Consensus | Finetuning examples (generators / critics) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cons = "–" if r["consensus"] is None else f"{r['consensus']:.3f}"
+        ex = "–" if r["examples"] is None else f"{r['examples'][0]} / {r['examples'][1]}"
+        vs = "–" if r["method"].startswith("Debate") else f"{r['vs_debate_se']:+.1f}"
+        lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f} | {vs} | {cons} | {ex} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
+    """PNG: the society's accuracy per finetuning iteration (error bars = 1 SE), Base/Majority as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    rows = result_rows(summary)
+    society = [r for r in rows if r["method"].startswith(("Debate", "Multiagent"))]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    ax.errorbar([r["iteration"] for r in society], [100 * r["accuracy"] for r in society],
+                yerr=[100 * r["stderr"] for r in society], marker="o", capsize=4, label="Multiagent FT (society)")
+    for r, style in zip(rows[:2], ("--", ":")):
+        ax.axhline(100 * r["accuracy"], linestyle=style, color="gray", label=r["method"])
+    ax.set_xlabel("finetuning iteration (0 = Debate, untrained)")
+    ax.set_ylabel("accuracy on the evaluation split (%)")
+    ax.set_xticks([r["iteration"] for r in society])
+    ax.set_title(f"{summary.get('task', '')}: {summary.get('agents', '?')} agents, {summary.get('rounds', '?')} rounds")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.partial")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def write_report(run_dir: str | Path, summary: dict[str, Any]) -> str:
+    """Write ``results.md`` and ``accuracy.png`` into the run directory; return the table."""
+    table = markdown_table(summary)
+    root = Path(run_dir)
+    write_text_atomic(f"# Results\n\n{table}\n![accuracy per iteration]({PLOT_NAME})\n", root / TABLE_NAME)
+    plot_accuracy(summary, root / PLOT_NAME)
+    logger.info("wrote %s and %s", root / TABLE_NAME, root / PLOT_NAME)
+    return table

@@ -1,0 +1,127 @@
+"""The testbed's tokenizer, its build (deterministic, cached, loadable), and the results report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from mft_ray.models import TinyModelSpec, build_tokenizer
+from mft_ray import testbed
+from mft_ray.testbed import ARITH_INSTRUCTION, MINI_TESTBED, debate_conversations
+
+# A testbed small enough to build twice in a few seconds: it proves the recipe, not the skill.
+MICRO = dataclasses.replace(
+    MINI_TESTBED,
+    model=TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=2, max_position_embeddings=1024, tokenizer="words-v1"),
+    steps=6, arith_batch=2, arith_seq=128, debate_steps=3, debate_problems=1)
+
+
+@pytest.fixture(scope="module")
+def words_tok():
+    return build_tokenizer("words-v1", tuple(testbed.testbed_words()))
+
+
+@pytest.mark.parametrize("text", [
+    "What is the result of 12+3*30+0-5*6?\nSolve the problem step by step.",
+    "3*4=12. 905-899=6. \\boxed{-871}", "1000 and 123456 other Whatever\tthe\n\n", "",
+    "agents agree? The other agents agree on 7. I keep my answer.", "Agentsanswered the-the",
+])
+def test_words_tokenizer_round_trips_any_text(words_tok, text):
+    ids = words_tok(text, add_special_tokens=False)["input_ids"]
+    assert words_tok.decode(ids) == text
+    assert words_tok.unk_token_id not in ids
+
+
+def test_words_tokenizer_makes_numbers_and_prompt_words_single_tokens(words_tok):
+    for n in (0, 7, 30, 900, 999):
+        assert len(words_tok(str(n), add_special_tokens=False)["input_ids"]) == 1
+    prompt = f"What is the result of 1+2*3+4-5*6?\nSolve the problem step by step. {ARITH_INSTRUCTION}"
+    # ~2.7x fewer tokens than characters: the point of the word tokenizer.
+    assert len(words_tok(prompt, add_special_tokens=False)["input_ids"]) < len(prompt) / 2.5
+    char_tok = build_tokenizer("char-v1")
+    assert len(char_tok(prompt, add_special_tokens=False)["input_ids"]) == len(prompt)
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        build_tokenizer("bpe-v9")
+
+
+def test_training_conversations_use_the_debate_formats_and_mask_prompts(words_tok):
+    import random
+
+    from mft_ray.prompts import PromptSet
+    from mft_ray.training.tokenize import encode_example
+
+    convs = debate_conversations(random.Random(0), testbed.TestbedSpec(), PromptSet(ARITH_INSTRUCTION))
+    assert [c[0]["content"].split()[0] for c in convs] == ["What", "Here", "What"]  # generator, summary, critic
+    for conv in convs:
+        enc = encode_example(words_tok, conv, 1024)
+        labelled = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != -100]
+        assert words_tok.decode(labelled).endswith(conv[-1]["content"] + "<|end|>")
+        assert "\\boxed{" in conv[-1]["content"] or conv[-1]["content"].startswith("Agent 1 answered")
+
+
+def test_a_build_is_deterministic_cached_and_loadable(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from mft_ray import models
+    from mft_ray.engines.base import SamplingParams
+    from mft_ray.engines.hf import HFEngine
+    from mft_ray.testbed import pretrain
+
+    a, b = pretrain(tmp_path / "a", MICRO), pretrain(tmp_path / "b", MICRO)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = pretrain(tmp_path / "c", dataclasses.replace(MICRO, seed=1))
+    assert not torch.equal(load_file(c / "model.safetensors")["model.embed_tokens.weight"],
+                           wa["model.embed_tokens.weight"])
+    assert json.loads((a / "testbed.json").read_text())["seed"] == 0
+
+    # Cached by its settings: the second resolve reuses the directory, a changed setting rebuilds.
+    monkeypatch.setenv("MFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_testbed_spec", lambda name: MICRO)
+    first = Path(models.resolve_model_path("builtin:testbed"))
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert Path(models.resolve_model_path("builtin:testbed")) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert first == models.builtin_model_dir("testbed")
+    monkeypatch.setattr(models, "_testbed_spec", lambda name: dataclasses.replace(MICRO, slip_rate=0.3))
+    assert Path(models.resolve_model_path("builtin:testbed")) != first
+    assert not list((tmp_path / "cache" / "models").glob(".*"))  # no temporary build left behind
+
+    engine = HFEngine(str(first))
+    texts = engine.generate([[{"role": "user", "content": "What is the result of 1+2*3+4-5*6?"}]] * 2,
+                            SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=3))
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def _summary() -> dict:
+    def it(i, acc, se, cons, datasets=None):
+        return {"iteration": i, "accuracy": acc, "stderr": se, "consensus": cons, "problems": 400,
+                "base_accuracy": 0.40, "base_stderr": 0.0245, "majority_accuracy": 0.48,
+                "majority_stderr": 0.025, "datasets": datasets}
+
+    counts = {"agent_0": {"generator": 10, "critic": 7}, "agent_1": {"generator": 12, "critic": 5},
+              "problems": 50}
+    return {"task": "arithmetic", "agents": 2, "rounds": 2,
+            "iterations": [it(0, 0.50, 0.025, 0.7), it(1, 0.56, 0.0248, 0.8, counts), it(2, 0.61, 0.0244, 0.9, counts)]}
+
+
+def test_report_table_rows_and_plot(tmp_path):
+    from mft_ray.reports import PLOT_NAME, TABLE_NAME, result_rows, write_report
+
+    rows = result_rows(_summary())
+    assert [r["method"] for r in rows] == ["Base (one sample)", "Majority (2 samples)", "Debate (iteration 0)",
+                                           "Multiagent FT (iteration 1)", "Multiagent FT (iteration 2)"]
+    assert rows[4]["vs_debate_se"] == pytest.approx(0.11 / (0.0244 ** 2 + 0.025 ** 2) ** 0.5)
+    assert rows[3]["examples"] == (22, 12)
+    table = write_report(tmp_path, _summary())
+    assert "| Multiagent FT (iteration 2) | 61.0 ± 2.4 | +3.1 | 0.900 | 22 / 12 |" in table
+    assert "| Base (one sample) | 40.0 ± 2.5 | -2.9 | – | – |" in table
+    assert (tmp_path / TABLE_NAME).read_text().count("|") > 20
+    assert (tmp_path / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no iteration 0"):
+        result_rows({"iterations": []})
