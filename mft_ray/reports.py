@@ -107,7 +107,10 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> str:
     """Write ``results.md`` and ``accuracy.png`` into the run directory; return the table."""
     table = markdown_table(summary)
     root = Path(run_dir)
-    write_text_atomic(f"# Results\n\n{table}\n![accuracy per iteration]({PLOT_NAME})\n", root / TABLE_NAME)
+    text = f"# Results\n\n{table}\n![accuracy per iteration]({PLOT_NAME})\n"
+    if (root / PLOT_NAME).is_file() and (root / TABLE_NAME).is_file() and (root / TABLE_NAME).read_text() == text:
+        return table  # a resumed, finished run: nothing changed, rewrite nothing
+    write_text_atomic(text, root / TABLE_NAME)
     plot_accuracy(summary, root / PLOT_NAME)
     logger.info("wrote %s and %s", root / TABLE_NAME, root / PLOT_NAME)
     return table

@@ -17,7 +17,8 @@ MICRO = dataclasses.replace(
     MINI_TESTBED,
     model=TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=2, max_position_embeddings=1024, tokenizer="words-v1"),
-    steps=6, arith_batch=2, arith_seq=128, debate_steps=3, debate_problems=1)
+    steps=6, arith_batch=2, arith_seq=128, debate_steps=3, debate_problems=1, debate_learning_rate=5e-4,
+    fourier_scale=1.0, slip_rate=0.15, max_int=30)
 
 
 @pytest.fixture(scope="module")
@@ -123,5 +124,8 @@ def test_report_table_rows_and_plot(tmp_path):
     assert "| Base (one sample) | 40.0 ± 2.5 | -2.9 | – | – |" in table
     assert (tmp_path / TABLE_NAME).read_text().count("|") > 20
     assert (tmp_path / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stamp = (tmp_path / PLOT_NAME).stat().st_mtime_ns
+    write_report(tmp_path, _summary())  # unchanged results (a resumed run): nothing rewritten
+    assert (tmp_path / PLOT_NAME).stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="no iteration 0"):
         result_rows({"iterations": []})
