@@ -21,6 +21,7 @@ from pathlib import Path
 from mft_ray.debate import TurnBatch, critic_messages, round1_messages, summary_messages
 from mft_ray.models import TinyModelSpec, build_tiny_llama
 from mft_ray.prompts import PromptSet
+from mft_ray.tasks.arithmetic import arithmetic_question
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def testbed_words() -> list[str]:
     """The vocabulary words of the testbed tokenizer: every word of the debate's prompts and replies."""
     prompts = PromptSet(ARITH_INSTRUCTION)
     text = " ".join([
-        prompts.question(_question((1, 2, 3, 4, 5, 6))), prompts.summary("q", ["a", "b"]),
+        prompts.question(arithmetic_question(1, 2, 3, 4, 5, 6)), prompts.summary("q", ["a", "b"]),
         prompts.critique("c", summarized=True), prompts.critique("c", summarized=False),
         prompts.concatenate(["a"]), _summary([1, 2]), _joined(1), _kept(1),
     ])
@@ -108,15 +109,10 @@ def solve(ops: tuple[int, ...], rng: random.Random, slip_rate: float) -> tuple[s
     return text, s3
 
 
-def _question(ops: tuple[int, ...]) -> str:
-    a, b, c, d, e, f = ops
-    return f"What is the result of {a}+{b}*{c}+{d}-{e}*{f}?"
-
-
 def debate_conversations(rng: random.Random, spec: TestbedSpec, prompts: PromptSet) -> list[list[dict]]:
     """One problem's worth of training conversations in the debate's own formats."""
     ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
-    q = _question(ops)
+    q = arithmetic_question(*ops)
     first = [solve(ops, rng, spec.slip_rate) for _ in range(3)]
     gen = round1_messages([q], prompts)[0]
     convs = [[*gen, {"role": "assistant", "content": first[0][0]}]]
@@ -214,7 +210,7 @@ def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
                 # The whole rendered round-1 conversation, so that operands are copied from where the
                 # debate's prompt puts them (a bare question teaches copying from the wrong offsets).
                 ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
-                conv = [*round1_messages([_question(ops)], prompts)[0],
+                conv = [*round1_messages([arithmetic_question(*ops)], prompts)[0],
                         {"role": "assistant", "content": solve(ops, rng, 0.0)[0]}]
                 ids += tok.apply_chat_template(conv, tokenize=True, return_dict=False)
             rows.append(ids[: spec.arith_seq])

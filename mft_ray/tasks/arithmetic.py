@@ -18,6 +18,11 @@ def arithmetic_value(a: int, b: int, c: int, d: int, e: int, f: int) -> int:
     return a + b * c + d - e * f
 
 
+def arithmetic_question(a: int, b: int, c: int, d: int, e: int, f: int) -> str:
+    """The question text of one problem (the testbed trains on exactly this wording)."""
+    return f"What is the result of {a}+{b}*{c}+{d}-{e}*{f}?"
+
+
 class ArithmeticTask(NumericTask):
     """Generated problems, operands drawn uniformly from ``[0, task.max_int]`` by ``Random(task.seed)``.
 
@@ -52,7 +57,7 @@ class ArithmeticTask(NumericTask):
             problems.append(
                 Problem(
                     id=f"arithmetic-{cfg.seed}-{len(problems)}",
-                    question=f"What is the result of {a}+{b}*{c}+{d}-{e}*{f}?",
+                    question=arithmetic_question(*operands),
                     answer=str(arithmetic_value(a, b, c, d, e, f)),
                     meta={"operands": operands},
                 )
