@@ -15,7 +15,7 @@ import ray
 
 from mft_ray.config import ModelConfig
 from mft_ray.debate import TurnBatch, concatenated_contexts, critic_messages, round1_messages, summary_messages
-from mft_ray.engines import Conversation, SamplingParams, make_engine
+from mft_ray.engines import Conversation, Engine, EngineError, SamplingParams, make_engine
 from mft_ray.prompts import PromptSet
 
 logger = logging.getLogger(__name__)
@@ -35,11 +35,27 @@ class AgentActor:
         logging.basicConfig(level=logging.INFO)
         self.members = members
         self.model_cfg = ModelConfig(**model)
-        self.engine = make_engine(self.model_cfg, model_path)
         self.prompts = PromptSet(answer_instruction)
+        self.load_error: EngineError | None = None
+        try:
+            self._engine = make_engine(self.model_cfg, model_path)
+        except EngineError as exc:
+            # Raised by the first method call instead (SocietyActors calls info() at once): an error raised
+            # here reaches the driver only as text inside ActorDiedError (a remote traceback), while one
+            # raised by a method keeps its type and message.
+            self.load_error = exc
+            return
         logger.info("agent actor pid %d serves %s with %s", os.getpid(), ", ".join(members), model_path)
 
+    @property
+    def engine(self) -> Engine:
+        """The loaded engine; every use raises the load error instead if the model could not be loaded."""
+        if self.load_error is not None:
+            raise self.load_error
+        return self._engine
+
     def info(self) -> dict[str, Any]:
+        """Who this actor serves; raises the engine's load error if the model could not be loaded."""
         return {"pid": os.getpid(), "members": self.members, "model_path": self.engine.model_path,
                 "node": ray.get_runtime_context().get_node_id()}
 

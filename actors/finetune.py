@@ -62,6 +62,21 @@ def _fit(job: FinetuneJob, workers: int, cpus: float, gpus: float, max_failures:
     return read_train_metrics(job.output_dir)
 
 
+def check_finetunes_fit(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """Raise PlacementError at once if one finetune's worker group can never be placed on this cluster.
+
+    Ray Train queues a worker group that does not fit and waits, without a time limit, for resources
+    that may never come; finetunes that merely have to take turns are fine.
+    """
+    from actors.placement import PlacementError, alive_node_resources, unmet
+
+    bundle = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
+    why = unmet([bundle] * workers, ray.cluster_resources(), alive_node_resources())
+    if why:
+        raise PlacementError(f"a finetune {why}. Lower finetune.num_workers, finetune.cpus_per_worker or "
+                             "finetune.gpus_per_worker, or add nodes.")
+
+
 def run_finetunes(jobs: list[FinetuneJob], workers: int = 1, cpus_per_worker: float = 1.0,
                   gpus_per_worker: float = 0.0, max_failures: int = 0,
                   storage_path: str | None = None) -> dict[str, dict[str, Any]]:
@@ -73,6 +88,8 @@ def run_finetunes(jobs: list[FinetuneJob], workers: int = 1, cpus_per_worker: fl
             logger.info("finetune %s: checkpoint already complete at %s, skipping", job.name, job.output_dir)
             results[job.name] = read_train_metrics(job.output_dir)
             continue
+        if not pending:
+            check_finetunes_fit(workers, cpus_per_worker, gpus_per_worker)
         storage = storage_path or str(Path(job.output_dir).parent / "ray_train")
         ref = _fit.remote(job, workers, cpus_per_worker, gpus_per_worker, max_failures, storage)
         pending[ref] = job

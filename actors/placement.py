@@ -23,20 +23,49 @@ def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in shown.items()) or "nothing"
 
 
+def unmet(bundles: list[dict[str, float]], total: dict[str, float],
+          nodes: list[dict[str, float]] | None = None) -> str | None:
+    """Why ``bundles`` can never be placed on a cluster with ``total`` resources and these ``nodes``
+    (each node's resources), or None if they might be. Pure: the caller passes what Ray reports.
+
+    Two reasons: the bundles together ask for more than the whole cluster has, or one bundle asks
+    for more than any single node has (a bundle never spans nodes).
+    """
+    bundles = [{k: v for k, v in b.items() if v > 0} for b in bundles]
+    need: Counter = Counter()
+    for b in bundles:
+        need.update(b)
+    short = {k: v - total.get(k, 0.0) for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
+    if short:
+        return (f"needs {_fmt(dict(need))} in {len(bundles)} bundles, but the whole cluster has {_fmt(total)}; "
+                f"short of {_fmt(short)}")
+    if nodes:
+        for b in bundles:
+            if not any(all(v <= node.get(k, 0.0) + 1e-9 for k, v in b.items()) for node in nodes):
+                largest = max(nodes, key=lambda node: tuple(node.get(k, 0.0) for k in sorted(b)))
+                return (f"needs bundles of {_fmt(b)}, but no node has that much (largest: {_fmt(largest)}; "
+                        f"{len(nodes)} node(s))")
+    return None
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """Total resources of each alive node of the connected cluster."""
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
 def place(bundles: list[dict[str, float]], strategy: str = "PACK", timeout_s: float = 60.0,
           name: str = "") -> PlacementGroup:
-    """Reserve one bundle per actor. Raise PlacementError at once if the cluster is too small in
-    total, or after ``timeout_s`` if the bundles cannot be placed (e.g. held by other jobs)."""
+    """Reserve one bundle per actor. Raise PlacementError at once if the cluster is too small (in total
+    or for one bundle), or after ``timeout_s`` if the bundles cannot be placed (e.g. held by other jobs)."""
     bundles = [{k: v for k, v in b.items() if v > 0} for b in bundles]
     need: Counter = Counter()
     for b in bundles:
         need.update(b)
     have = ray.cluster_resources()
-    short = {k: v - have.get(k, 0.0) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
-    if short:
+    why = unmet(bundles, have, alive_node_resources())
+    if why:
         raise PlacementError(
-            f"{name or 'society'} needs {_fmt(dict(need))} in {len(bundles)} bundles, but the whole cluster "
-            f"has {_fmt(have)}; short of {_fmt(short)}. Lower resources.num_*_per_agent, enable "
+            f"{name or 'society'} {why}. Lower resources.num_*_per_agent, enable "
             "resources.share_engine, or add nodes."
         )
     pg = placement_group(bundles, strategy=strategy, name=name)

@@ -44,22 +44,73 @@ def init_ray() -> None:
     logger.info("ray: %s", ray.cluster_resources())
 
 
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a job's CLI; known input errors print one clear line and exit 2, never a traceback dump."""
+def preflight(config: Config) -> None:
+    """Checks that need no cluster; jobs run them before touching the run directory or starting Ray."""
+    from mft_ray.preflight import check_endpoint
+
+    model = config.model
+    if model.engine == "openai" and model.check_endpoint and model.base_url:
+        check_endpoint(model.base_url, timeout_s=min(model.request_timeout_s, 10.0))
+
+
+# Exit codes of run_cli: 2 bad input (config, data, records), 3 the cluster cannot hold the job,
+# 4 a model could not be loaded or served (engine errors, an endpoint that fails for good).
+EXIT_INPUT, EXIT_RESOURCES, EXIT_ENGINE = 2, 3, 4
+
+
+def unwrap_ray_error(exc: BaseException) -> BaseException:
+    """The error a remote task or actor raised, out of Ray's ``RayTaskError`` wrappers (nested ones too).
+
+    Ray re-raises a remote error as a RayTaskError that also subclasses the original type; its text
+    is the whole remote traceback, so the message of the original (``.cause``) is what to show.
+    """
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    for _ in range(16):  # wrappers nest once per hop (agent -> coordinator -> driver)
+        if ray_exceptions is None or not isinstance(exc, ray_exceptions.RayTaskError):
+            break
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException) or cause is exc:
+            break
+        exc = cause
+    return exc
+
+
+def _exit_code(exc: BaseException) -> int | None:
+    from mft_ray.engines.base import EngineError
     from mft_ray.records import RecordsError
     from mft_ray.tasks import DataError
 
-    setup_logging()
-    try:
-        main(argv)
-    except (ConfigError, DataError, RecordsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
+    if isinstance(exc, (ConfigError, DataError, RecordsError)):
+        return EXIT_INPUT
+    if isinstance(exc, EngineError):
+        return EXIT_ENGINE
+    if "actors.placement" in sys.modules:  # only a job that got as far as placing actors can raise it
         from actors.placement import PlacementError
 
         if isinstance(exc, PlacementError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 3
-        raise
+            return EXIT_RESOURCES
+    return None
+
+
+def one_line(message: str) -> str:
+    """A possibly multi-line error message as one line."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run a job's CLI; known errors print one clear line and exit non-zero, never a traceback dump.
+
+    Exit codes: 2 bad input, 3 resources the cluster cannot provide, 4 engine failure (see EXIT_*).
+    Unexpected errors keep their traceback.
+    """
+    setup_logging()
+    try:
+        main(argv)
+    except Exception as exc:
+        cause = unwrap_ray_error(exc)
+        code = _exit_code(cause)
+        if code is None:
+            raise
+        print(f"error: {one_line(str(cause))}", file=sys.stderr)
+        return code
     return 0

@@ -11,8 +11,9 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from jobs.common import base_parser, init_ray, parse_config, run_cli
+from jobs.common import base_parser, init_ray, parse_config, preflight, run_cli
 from mft_ray.config import Config
+from mft_ray.preflight import require_problems
 from mft_ray.rundir import RunDir
 from mft_ray.tasks import make_splits, make_task
 
@@ -27,6 +28,8 @@ def main(config: Config, split: str = "finetune", iteration: int = 0) -> dict[st
     task = make_task(config.task)
     splits = make_splits(task, config.task)
     problems = splits.finetune if split == "finetune" else splits.eval
+    require_problems(problems, split)
+    preflight(config)
     run.prepare(config)
     init_ray()
     stats = debate_split(config, iteration, split, problems, run.debate_dir(iteration, split))

@@ -12,9 +12,10 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from jobs.common import base_parser, init_ray, parse_config, run_cli
-from mft_ray.config import Config
+from jobs.common import base_parser, init_ray, parse_config, preflight, run_cli
+from mft_ray.config import Config, ConfigError
 from mft_ray.evaluation import evaluate_records
+from mft_ray.preflight import require_problems
 from mft_ray.records import read_records, write_json_atomic
 from mft_ray.rundir import RunDir
 from mft_ray.society import Member
@@ -44,11 +45,19 @@ def main(config: Config, iteration: int = 0) -> dict[str, Any]:
     from jobs.iterate import society_paths
 
     run = RunDir(config.run_dir)
+    if iteration < 0:
+        raise ConfigError(f"--iteration must be >= 0, got {iteration}")
+    if iteration > 0 and run.read_society(iteration) is None:
+        raise ConfigError(f"--iteration {iteration}: society {iteration} is not built yet "
+                          f"({run.society_path(iteration)} is missing); run jobs.iterate first")
     task = make_task(config.task)
     problems = make_splits(task, config.task).eval
+    require_problems(problems, "eval")
+    preflight(config)
+    paths = society_paths(config, run, iteration)
     run.prepare(config)
     init_ray()
-    return evaluate_society(config, run, task, problems, iteration, society_paths(config, run, iteration))
+    return evaluate_society(config, run, task, problems, iteration, paths)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

@@ -20,11 +20,12 @@ import sys
 import time
 from typing import Any, Sequence
 
-from jobs.common import base_parser, init_ray, parse_config, run_cli
+from jobs.common import base_parser, init_ray, parse_config, preflight, run_cli
 from jobs.evaluate import evaluate_society
-from mft_ray.config import Config
+from mft_ray.config import Config, ConfigError
 from mft_ray.finetune_sets import build_agent_sets, majority_ft, pooled
 from mft_ray.models import resolve_model_path
+from mft_ray.preflight import require_problems
 from mft_ray.reports import TABLE_NAME, write_report
 from mft_ray.records import read_records, write_json_atomic, write_jsonl_atomic
 from mft_ray.rundir import RunDir
@@ -120,12 +121,27 @@ def finetune_society(config: Config, run: RunDir, iteration: int) -> dict[str, A
 def main(config: Config) -> dict[str, Any]:
     from actors.launch import debate_split
 
+    if config.model.engine == "openai" and config.finetune.iterations > 0:
+        # Checked before any debate: finetuning here trains local weights, which a served model has none of.
+        raise ConfigError("finetune.iterations must be 0 with model.engine=openai (a served model cannot be "
+                          "finetuned locally); export the sets with mft_ray.api_finetune instead, see "
+                          "docs/hosted_models.md")
     run = RunDir(config.run_dir)
     task = make_task(config.task)
     splits = make_splits(task, config.task)
+    require_problems(splits.eval, "eval")
+    if config.finetune.iterations > 0:
+        require_problems(splits.finetune, "finetune", "to build finetuning sets from (or set finetune.iterations=0)")
+    preflight(config)
     run.prepare(config)
     init_ray()
     L = config.finetune.iterations
+    if any(run.read_society(it) is None for it in range(1, L + 1)):
+        # Before any debate: a finetune the cluster can never hold would otherwise wait forever.
+        from actors.finetune import check_finetunes_fit
+
+        check_finetunes_fit(config.finetune.num_workers, config.finetune.cpus_per_worker,
+                            config.finetune.gpus_per_worker)
     summary: dict[str, Any] = {"task": config.task.name, "agents": config.debate.agents,
                                "rounds": config.debate.rounds, "iterations": []}
     start = time.time()

@@ -13,7 +13,10 @@ parsed as YAML scalars. Every error names the offending setting (``debate.agents
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,9 +26,11 @@ from typing import Any
 import yaml
 
 TASK_NAMES = ("arithmetic", "gsm8k", "math", "mmlu")
-ENGINE_NAMES = ("hf", "vllm")
+ENGINE_NAMES = ("hf", "vllm", "openai")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 BUILTIN_PREFIX = "builtin:"
+# Files that hold weights in a local checkpoint (sharded ones included); one must exist.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 class ConfigError(ValueError):
@@ -76,7 +81,11 @@ class ModelConfig:
     """The base model every agent starts from, and the engine that serves it.
 
     ``path`` is a local Hugging Face checkpoint directory, a hub id (``org/name``, resolved by the
-    engine on the cluster), or a built-in model such as ``builtin:tiny-random``.
+    engine on the cluster), or a built-in model such as ``builtin:tiny-random``. With
+    ``engine: openai`` it is instead the model name the server knows (``gpt-3.5-turbo-0125``, a
+    hosted finetune ``ft:...``, or the name ``vllm serve`` gives its model) and is not checked
+    locally; ``base_url`` is the API root (``https://api.openai.com/v1``, ``http://127.0.0.1:8000/v1``)
+    and the key is read from the environment variable named by ``api_key_env``, never from the config.
     """
 
     path: str = "builtin:tiny-random"
@@ -88,6 +97,13 @@ class ModelConfig:
     tensor_parallel_size: int = 1  # vLLM
     gpu_memory_utilization: float = 0.85  # vLLM; lower it to pack several agents on one GPU
     max_model_len: int | None = None  # vLLM
+    base_url: str | None = None  # openai: API root including the version, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key (may be unset locally)
+    request_timeout_s: float = 120.0  # openai: socket timeout of one attempt
+    max_retries: int = 5  # openai: retries after the first attempt on 408/429/5xx, connection errors, timeouts
+    retry_backoff_s: float = 1.0  # openai: first retry delay, doubled per attempt (with jitter)
+    max_concurrency: int = 16  # openai: requests in flight per engine
+    check_endpoint: bool = True  # openai: the job checks that base_url accepts connections before starting
 
     def validate(self, prefix: str = "model") -> None:
         _check(self.engine in ENGINE_NAMES, f"{prefix}.engine must be one of {list(ENGINE_NAMES)}, got {self.engine!r}")
@@ -95,7 +111,28 @@ class ModelConfig:
         _check(self.max_batch_size >= 1, f"{prefix}.max_batch_size must be >= 1, got {self.max_batch_size}")
         _check(self.tensor_parallel_size >= 1, f"{prefix}.tensor_parallel_size must be >= 1")
         _check(0 < self.gpu_memory_utilization <= 1, f"{prefix}.gpu_memory_utilization must lie in (0, 1]")
-        validate_model_path(self.path, f"{prefix}.path")
+        _check(self.request_timeout_s > 0, f"{prefix}.request_timeout_s must be > 0, got {self.request_timeout_s}")
+        _check(self.max_retries >= 0, f"{prefix}.max_retries must be >= 0, got {self.max_retries}")
+        _check(self.retry_backoff_s >= 0, f"{prefix}.retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
+        _check(self.max_concurrency >= 1, f"{prefix}.max_concurrency must be >= 1, got {self.max_concurrency}")
+        # The value is not echoed: someone may have pasted the key itself here.
+        _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) is not None,
+               f"{prefix}.api_key_env must name an environment variable (e.g. OPENAI_API_KEY), not hold a key")
+        if self.engine == "openai":
+            _check(self.base_url is not None, f"{prefix}.base_url is required for engine 'openai'")
+            _check(_is_http_url(self.base_url), f"{prefix}.base_url must be an http(s) URL, got "
+                   f"{self.base_url if '@' not in self.base_url else '(a URL with credentials)'!r}")
+            _check(bool(self.path) and not self.path.startswith(BUILTIN_PREFIX),
+                   f"{prefix}.path must be the served model's name for engine 'openai', got {self.path!r}")
+        else:
+            validate_model_path(self.path, f"{prefix}.path")
+
+
+def _is_http_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def validate_model_path(path: str, setting: str) -> None:
@@ -110,8 +147,18 @@ def validate_model_path(path: str, setting: str) -> None:
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not local.exists()
     if looks_like_hub_id:
         return
+    _check(not local.is_file(), f"{setting}: {path} is a file, not a model directory")
     _check(local.is_dir(), f"{setting}: model directory does not exist: {path}")
-    _check((local / "config.json").is_file(), f"{setting}: {path} is not a Hugging Face model (no config.json)")
+    config_json = local / "config.json"
+    _check(config_json.is_file(), f"{setting}: {path} is not a Hugging Face model (no config.json)")
+    try:
+        model_config = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{setting}: {path} is not a Hugging Face model (config.json unreadable: {exc})") from None
+    _check(isinstance(model_config, dict) and bool(model_config.get("model_type")),
+           f"{setting}: {path} is not a Hugging Face model (config.json has no model_type)")
+    _check(any(next(local.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS),
+           f"{setting}: {path} holds no model weights ({', '.join(WEIGHT_PATTERNS)})")
 
 
 @dataclass
@@ -162,8 +209,10 @@ class ResourcesConfig:
         _check(self.num_gpus_per_agent + self.num_cpus_per_agent > 0,
                f"{prefix}: an agent must ask for some CPU or GPU")
         _check(self.placement_strategy in PLACEMENT_STRATEGIES,
-               f"{prefix}.placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}")
-        _check(self.placement_timeout_s > 0, f"{prefix}.placement_timeout_s must be > 0")
+               f"{prefix}.placement_strategy must be one of {list(PLACEMENT_STRATEGIES)}, "
+               f"got {self.placement_strategy!r}")
+        _check(self.placement_timeout_s > 0,
+               f"{prefix}.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
 
 
 @dataclass
@@ -214,7 +263,8 @@ class FinetuneConfig:
     def validate(self, prefix: str = "finetune") -> None:
         _check(self.iterations >= 0, f"{prefix}.iterations must be >= 0, got {self.iterations}")
         _check(0 <= self.critic_mix_w <= 1, f"{prefix}.critic_mix_w must lie in [0, 1], got {self.critic_mix_w}")
-        _check(self.init_from in ("previous", "base"), f"{prefix}.init_from must be previous or base")
+        _check(self.init_from in ("previous", "base"),
+               f"{prefix}.init_from must be one of ['previous', 'base'], got {self.init_from!r}")
         self.generator.validate(f"{prefix}.generator")
         self.critic.validate(f"{prefix}.critic")
         if self.later_learning_rate is not None:
@@ -288,13 +338,21 @@ def _coerce(value: Any, hint: Any, setting: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), f"{setting} must be an integer, got {value!r}")
         return value
     if hint is float:
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{setting} must be a number, got {value!r}")
-        return float(value)
+        _check(isinstance(number, (int, float)) and not isinstance(number, bool),
+               f"{setting} must be a number, got {value!r}")
+        try:
+            number = float(number)
+        except OverflowError:  # an integer too big for a float
+            number = math.inf
+        # nan slips through every range check (all comparisons are false), inf through the upper ones.
+        _check(math.isfinite(number), f"{setting} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         _check(isinstance(value, str), f"{setting} must be a string, got {value!r}")
         return os.path.expandvars(value)

@@ -32,6 +32,29 @@ def testbed_mini(tmp_path_factory) -> str:
     return str(pretrain(tmp_path_factory.mktemp("testbed-mini"), MINI_TESTBED))
 
 
+@pytest.fixture(scope="session")
+def lively_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Llama with larger random weights.
+
+    With its default init (std 0.02, tied embeddings) the tiny model greedily repeats the
+    ``<|assistant|>`` special token, so every greedy text decodes to "" and comparing texts would prove
+    nothing. Larger weights make each prompt give a distinct, non-empty greedy continuation.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    out = tmp_path_factory.mktemp("lively-llama")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A real local Ray instance with 2 CPUs, started once per test module."""

@@ -183,7 +183,8 @@ def test_non_arithmetic_task_requires_path() -> None:
 def test_model_dir_without_config_json(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model\.path: .* is not a Hugging Face model \(no config\.json\)"):
         load_config(None, [f"model.path={tmp_path}"])
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")  # only its presence is checked here
     assert load_config(None, [f"model.path={tmp_path}"]).model.path == str(tmp_path)
 
 

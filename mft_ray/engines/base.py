@@ -54,9 +54,20 @@ class Engine(abc.ABC):
 
 
 def make_engine(model: "ModelConfig", path: str | None = None) -> Engine:
-    """Build the engine named by ``model.engine`` for ``path`` (default ``model.path``, resolved)."""
+    """Build the engine named by ``model.engine`` for ``path`` (default ``model.path``, resolved).
+
+    For ``engine: openai`` the path is the served model's name and is passed through untouched.
+    """
     from mft_ray.models import resolve_model_path
 
+    if model.engine == "openai":
+        from mft_ray.engines.openai_compat import OpenAIEngine
+
+        if not model.base_url:
+            raise EngineError("model.base_url is required for engine 'openai'")
+        return OpenAIEngine(path or model.path, model.base_url, api_key_env=model.api_key_env,
+                            timeout_s=model.request_timeout_s, max_retries=model.max_retries,
+                            backoff_s=model.retry_backoff_s, max_concurrency=model.max_concurrency)
     resolved = resolve_model_path(path or model.path)
     if model.engine == "hf":
         from mft_ray.engines.hf import HFEngine

@@ -315,8 +315,16 @@ def _read_parquet(path: str, local: Path) -> Iterator[tuple[int, dict[str, Any]]
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{path}: cannot read Parquet file: {exc}") from exc
     rowno = 0
-    for batch in reader.iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
+    batches = reader.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+            records = [] if batch is None else batch.to_pylist()
+        except Exception as exc:  # a corrupt page or column chunk shows up only when it is read
+            raise DataError(f"{path}:{rowno + 1}: cannot read Parquet rows from here on: {exc}") from exc
+        if batch is None:
+            return
+        for record in records:
             rowno += 1
             yield rowno, record
 

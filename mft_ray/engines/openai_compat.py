@@ -1,0 +1,293 @@
+"""OpenAI-compatible chat-completions engine: hosted models (GPT-3.5 style) or any server that speaks the
+same protocol (vLLM's ``vllm serve``, SGLang, llama.cpp's server, ...).
+
+Standard library only (``urllib`` + a thread pool): one HTTP request per conversation, at most
+``max_concurrency`` in flight per engine. Requests that fail with 408, 429, 5xx, a connection error or
+a timeout are retried with exponential backoff and jitter (a ``Retry-After`` or ``retry-after-ms``
+header from the server wins, capped at ``MAX_RETRY_WAIT_S``); any other 4xx fails at once. The API
+key is read from the environment variable named in the config and is never logged or put in an error
+message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any, Sequence
+
+from mft_ray.engines.base import Conversation, Engine, EngineError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# A Retry-After longer than this is not honoured in full: a run must never sit idle for an hour
+# because a proxy said so; the next attempt simply finds out again.
+MAX_RETRY_WAIT_S = 60.0
+_SERVER_MESSAGE_CHARS = 500
+# 408 is the server timing out waiting for the request: a timeout like any other, so retried.
+_RETRY_4XX = (408, 429)
+
+
+class _Aborted(Exception):
+    """Another request of the same batch failed for good; this one stops retrying."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib would turn a redirected POST into a GET without a body, and could carry the
+    # Authorization header to another host: a redirect is reported as an error instead.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+        return None
+
+
+def _loopback(host: str | None) -> bool:
+    if host in (None, "", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _public_url(url: str) -> str:
+    """``url`` without any user:password part, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class OpenAIEngine(Engine):
+    """Chat completions over HTTP: ``POST {base_url}/chat/completions``, one request per conversation.
+
+    Args:
+        model: the model name the server knows (``gpt-3.5-turbo-0125``, ``ft:...`` for a hosted
+            finetune, or what ``vllm serve`` was given, by default its model path).
+        base_url: the API root including the version, e.g. ``https://api.openai.com/v1`` or
+            ``http://127.0.0.1:8000/v1``.
+        api_key_env: name of the environment variable that holds the key. The key may be absent
+            (local servers need none); then no ``Authorization`` header is sent.
+        timeout_s: socket timeout of one attempt (connecting, and each wait for data).
+        max_retries: attempts after the first one for retryable failures (408, 429, 5xx, connection
+            errors, timeouts).
+        backoff_s: first retry delay; it doubles per attempt, with jitter, up to ``max_backoff_s``
+            (which also caps a server's ``Retry-After``).
+        max_concurrency: requests in flight at once from this engine.
+
+    Each request carries its own seed, ``sampling.derive("request", index).seed``: identical conversations in one
+    batch (several agents answering the same question) must not receive identical samples from a
+    server that honours ``seed``, and a rerun of the same batch asks for the same seeds.
+    """
+
+    def __init__(self, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0,
+                 max_retries: int = 5, backoff_s: float = 1.0, max_concurrency: int = 8,
+                 max_backoff_s: float = MAX_RETRY_WAIT_S) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EngineError(f"base_url must be an http(s) URL, got {_public_url(base_url)!r}")
+        if not model:
+            raise EngineError("the engine needs a model name (model.path)")
+        if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
+            raise EngineError("max_concurrency must be >= 1, max_retries >= 0, timeout_s > 0, backoff_s >= 0")
+        self.model_path = model
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.public_url = _public_url(self.url)
+        self.api_key_env = api_key_env
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_concurrency = max_concurrency
+        self._key = os.environ.get(api_key_env) or None  # private: never formatted into text
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._key is not None:
+            self._headers["Authorization"] = f"Bearer {self._key}"
+            if parts.scheme == "http" and not _loopback(parts.hostname):
+                logger.warning("OpenAI engine: sending the API key from $%s over plain http to %s",
+                               api_key_env, parts.hostname)
+        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="openai-engine")
+        self._rng = random.Random()  # jitter only; not the sampling seed
+        self._usage_lock = threading.Lock()
+        self.usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+        logger.info("OpenAI engine: model %s at %s (key from $%s: %s; %d concurrent, timeout %.0fs, %d retries)",
+                    model, self.public_url, api_key_env, "set" if self._key else "not set", max_concurrency,
+                    timeout_s, max_retries)
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[str]:
+        """One reply per conversation, in order; raises ``EngineError`` if any request fails for good."""
+        if not conversations:
+            return []
+        abort = threading.Event()
+        futures: list[Future[str]] = [
+            self._pool.submit(self._complete, conv, sampling, sampling.derive("request", i).seed, abort)
+            for i, conv in enumerate(conversations)
+        ]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            # Stop the rest of the batch: queued requests are dropped, running ones stop retrying. Their
+            # current attempt is awaited (at most one timeout), so that no request of this call is
+            # still in flight once it has raised.
+            abort.set()
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            exc = failed.exception()
+            if isinstance(exc, EngineError):
+                raise exc
+            raise EngineError(f"POST {self.public_url}: {self._redact(repr(exc))}") from exc
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- one request --------------------------------------------------------------------------------
+
+    def _complete(self, conversation: Conversation, sampling: SamplingParams, seed: int,
+                  abort: threading.Event) -> str:
+        body = {
+            "model": self.model_path,
+            # Only role and content: finetuning examples carry extra keys ("weight") servers reject.
+            "messages": [{"role": m["role"], "content": m["content"]} for m in conversation],
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_new_tokens,
+            "seed": seed,
+            "n": 1,
+        }
+        reply = self._post(json.dumps(body).encode(), abort)
+        try:
+            choice = reply["choices"][0]
+            content = choice["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise EngineError(f"POST {self.public_url}: unexpected response shape "
+                              f"{self._redact(json.dumps(reply)[:_SERVER_MESSAGE_CHARS])}") from exc
+        if content is None:
+            # A refusal or a content filter: an empty reply parses as "no answer", which the vote handles.
+            logger.warning("OpenAI engine: empty content (finish_reason=%s)", choice.get("finish_reason"))
+            content = ""
+        usage = reply.get("usage") or {}
+        with self._usage_lock:
+            self.usage["requests"] += 1
+            self.usage["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+            self.usage["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+        return content
+
+    def _post(self, data: bytes, abort: threading.Event) -> dict[str, Any]:
+        """POST ``data`` with retries; the parsed JSON reply, or ``EngineError``."""
+        attempts = self.max_retries + 1
+        last = "no attempt made"
+        for attempt in range(attempts):
+            if abort.is_set():
+                raise _Aborted
+            retry_after: float | None = None
+            request = urllib.request.Request(self.url, data=data, headers=self._headers, method="POST")
+            try:
+                with self._opener.open(request, timeout=self.timeout_s) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as exc:
+                message = self._server_message(exc)
+                if exc.code not in _RETRY_4XX and exc.code < 500:
+                    raise EngineError(self._client_error(exc.code, exc.reason, message)) from None
+                last = f"HTTP {exc.code} {exc.reason}: {message}"
+                retry_after = _retry_after(exc.headers)
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                # URLError wraps refused connections and DNS failures; TimeoutError, ConnectionError and
+                # http.client errors (e.g. RemoteDisconnected) surface bare from connect or read.
+                reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+                if isinstance(reason, TimeoutError):
+                    last = f"timed out after {self.timeout_s:g}s"
+                else:
+                    last = self._redact(f"{type(reason).__name__}: {reason}")
+            else:
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    raise EngineError(f"POST {self.public_url}: response is not JSON: "
+                                      f"{self._redact(raw[:200].decode(errors='replace'))!r}") from None
+            if attempt + 1 == attempts:
+                break
+            delay = self._delay(attempt, retry_after)
+            logger.warning("POST %s: %s (attempt %d/%d); retrying in %.2fs", self.public_url, last,
+                           attempt + 1, attempts, delay)
+            if abort.wait(delay):
+                raise _Aborted
+        raise EngineError(f"POST {self.public_url} failed after {attempts} attempt(s); last error: {last}")
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_backoff_s)
+        base = min(self.backoff_s * 2 ** attempt, self.max_backoff_s)
+        # Jitter spreads the retries of many concurrent requests that failed together.
+        return base * (0.5 + 0.5 * self._rng.random())
+
+    def _server_message(self, exc: urllib.error.HTTPError) -> str:
+        """The server's error text: OpenAI's ``{"error": {"message": ...}}`` or the body's start."""
+        try:
+            raw = exc.read()
+        except (OSError, http.client.HTTPException):
+            return "(no body)"
+        finally:
+            exc.close()
+        text = raw.decode(errors="replace")
+        try:
+            payload = json.loads(text)
+            err = payload.get("error", payload) if isinstance(payload, dict) else payload
+            if isinstance(err, dict):
+                text = str(err.get("message") or err.get("detail") or err)
+            elif isinstance(err, str):
+                text = err
+        except ValueError:
+            pass
+        return self._redact(text.strip()[:_SERVER_MESSAGE_CHARS]) or "(no body)"
+
+    def _client_error(self, code: int, reason: str, message: str) -> str:
+        text = f"POST {self.public_url}: HTTP {code} {reason}: {message}"
+        if code in (401, 403):
+            text += f" (API key from ${self.api_key_env}: {'set' if self._key else 'not set'})"
+        elif 300 <= code < 400:
+            text += " (redirects are not followed; check model.base_url)"
+        return text
+
+    def _redact(self, text: str) -> str:
+        # A server may echo what it was sent (some proxies quote the Authorization header).
+        return text.replace(self._key, "[redacted]") if self._key else text
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` (OpenAI) or ``Retry-After`` (seconds or HTTP date)."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return when.timestamp() - time.time()
