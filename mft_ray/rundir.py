@@ -24,7 +24,9 @@ from mft_ray.records import write_text_atomic
 
 class RunDir:
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).expanduser()
+        # Absolute: Ray Train's storage path must be a URI or an absolute path, and actors and
+        # finetune workers need not share the driver's working directory.
+        self.root = Path(root).expanduser().absolute()
 
     def iteration_dir(self, iteration: int) -> Path:
         return self.root / f"iter_{iteration}"

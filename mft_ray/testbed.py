@@ -34,31 +34,37 @@ ARITH_INSTRUCTION = "Put your final answer in the form \\boxed{answer} at the en
 class TestbedSpec:
     """Everything that determines the testbed; all of it enters the cache key.
 
-    Pretraining has two phases. Phase 1 (``steps``): ``arith_batch`` rows of ``arith_seq`` tokens packed
-    with round-1 conversations (the debate's prompt and a correct step-by-step solution), the loss on
-    every token: cheap, and it is where the arithmetic is learnt. Phase 2 (``debate_steps``, its own
-    optimizer at ``debate_learning_rate``): whole debate conversations of ``debate_problems`` problems
-    per step (generator, summarizer and critic turns, loss on those turns only, solutions slipping
-    ``slip_rate`` of the time so that agents' answers differ as in a real debate), plus half as many
-    packed rows as phase 1 so that the arithmetic is not unlearnt. Measured alternatives: training the
-    debate turns from the first step at full learning rate ruined the arithmetic, running them at the
-    tail of phase 1's schedule learnt their format too slowly, and a fresh optimizer at 1e-3 without
-    the packed rows unlearnt copying the operands.
+    The default is one phase (``steps``): ``arith_batch`` rows of ``arith_seq`` tokens packed with
+    rendered conversations, the loss on every token. 70% are round-1 conversations (the debate's prompt
+    and a correct step-by-step solution, the large subtraction taken in two easier steps); the other
+    ``debate_share`` are summarizer and critic conversations built from three sampled solutions that
+    slip ``slip_rate`` of the time, so that their formats are learnt alongside the arithmetic. An
+    optional phase 2 (``debate_steps``, its own optimizer at ``debate_learning_rate``) trains whole
+    debate conversations with the loss on the replies only, plus half as many packed rows as an anchor;
+    the mini testbed uses only that phase.
+
+    Measured alternatives (2 CPUs, 300 held-out problems, README "CPU testbed"): a separate phase 2
+    after phase 1 unlearnt copying the operands (1-2% right) or, at the tail of phase 1's schedule,
+    never learnt the critic format; mixing debate conversations in only after step 700 ruined the
+    arithmetic (1%); subtracting two 3-digit numbers in one step was the most frequent error until it
+    was split.
     """
 
     model: TinyModelSpec = TinyModelSpec(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                                           num_attention_heads=4, num_key_value_heads=4,
                                           max_position_embeddings=1024, tokenizer="words-v1")
-    steps: int = 850
+    steps: int = 1100
     arith_batch: int = 16
     arith_seq: int = 256
     learning_rate: float = 3e-3
-    debate_steps: int = 200
+    debate_steps: int = 0
     debate_problems: int = 3
     debate_learning_rate: float = 5e-4
     # Number tokens (-999..999) start from Fourier features of their value, so that adding or
     # subtracting numbers is a rotation the model can learn in minutes instead of a table to memorise.
     fourier_scale: float = 1.0
+    # Share of phase 1's packed conversations that are summarizer or critic conversations.
+    debate_share: float = 0.3
     slip_rate: float = 0.15
     max_int: int = 30
     seed: int = 0
@@ -86,7 +92,7 @@ def testbed_words() -> list[str]:
     text = " ".join([
         prompts.question(arithmetic_question(1, 2, 3, 4, 5, 6)), prompts.summary("q", ["a", "b"]),
         prompts.critique("c", summarized=True), prompts.critique("c", summarized=False),
-        prompts.concatenate(["a"]), _summary([1, 2]), _joined(1), _kept(1),
+        prompts.concatenate(["a"]), _summary([1, 2]), _joined(1), _kept("x"),
     ])
     return sorted(set(re.findall(r"[A-Za-z]+", text)))
 
@@ -105,8 +111,20 @@ def solve(ops: tuple[int, ...], rng: random.Random, slip_rate: float) -> tuple[s
     s1 = a + bc + (delta if where == 2 else 0)
     s2 = s1 + d
     s3 = s2 - ef + (delta if where == 3 else 0)
-    text = f"{b}*{c}={bc}. {e}*{f}={ef}. {a}+{bc}={s1}. {s1}+{d}={s2}. {s2}-{ef}={s3}. \\boxed{{{s3}}}"
+    text = f"{b}*{c}={bc}. {e}*{f}={ef}. {a}+{bc}={s1}. {s1}+{d}={s2}. {_subtraction(s2, ef, s3)}. \\boxed{{{s3}}}"
     return text, s3
+
+
+def _subtraction(x: int, y: int, result: int) -> str:
+    """``x-y=result`` taken in two easier steps when y has hundreds: x-y=x-h-r=(x-h)-r=result.
+
+    Subtracting two large numbers in one step is what a minutes-old tiny model gets wrong most (it
+    learns the products and the small additions first); hundreds and then a two-digit remainder are each
+    as easy as those additions."""
+    h, r = y // 100 * 100, y % 100
+    if h == 0 or r == 0:
+        return f"{x}-{y}={result}"
+    return f"{x}-{y}={x}-{h}-{r}={x - h}-{r}={result}"
 
 
 def debate_conversations(rng: random.Random, spec: TestbedSpec, prompts: PromptSet) -> list[list[dict]]:
@@ -134,8 +152,8 @@ def _joined(answer: int) -> str:
     return f"The other agents agree on {answer}. \\boxed{{{answer}}}"
 
 
-def _kept(answer: int) -> str:
-    return f"I keep my answer. \\boxed{{{answer}}}"
+def _kept(solution: str) -> str:
+    return f"I keep my answer. {solution}"
 
 
 def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random.Random,
@@ -146,7 +164,7 @@ def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random
     if others[0] == others[1] and others[0] != own and rng.random() < 0.7:
         return _joined(others[0])
     if rng.random() < 0.6:
-        return _kept(own)
+        return _kept(first[0][0])
     return solve(ops, rng, spec.slip_rate / 2)[0]
 
 
@@ -209,9 +227,12 @@ def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
             while len(ids) < spec.arith_seq:
                 # The whole rendered round-1 conversation, so that operands are copied from where the
                 # debate's prompt puts them (a bare question teaches copying from the wrong offsets).
-                ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
-                conv = [*round1_messages([arithmetic_question(*ops)], prompts)[0],
-                        {"role": "assistant", "content": solve(ops, rng, 0.0)[0]}]
+                if rng.random() < spec.debate_share:
+                    conv = rng.choice(debate_conversations(rng, spec, prompts)[1:])
+                else:
+                    ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
+                    conv = [*round1_messages([arithmetic_question(*ops)], prompts)[0],
+                            {"role": "assistant", "content": solve(ops, rng, 0.0)[0]}]
                 ids += tok.apply_chat_template(conv, tokenize=True, return_dict=False)
             rows.append(ids[: spec.arith_seq])
         x = torch.tensor(rows)
