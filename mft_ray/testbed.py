@@ -35,15 +35,14 @@ class TestbedSpec:
     """Everything that determines the testbed; all of it enters the cache key.
 
     The default is one phase (``steps``): ``arith_batch`` rows of ``arith_seq`` tokens packed with
-    rendered conversations, the loss on every token. 70% are round-1 conversations (the debate's prompt
+    rendered conversations, the loss on every token. Most are round-1 conversations (the debate's prompt
     and a correct step-by-step solution, the large subtraction taken in two easier steps); the other
     ``debate_share`` are summarizer and critic conversations built from three sampled solutions that
     slip ``slip_rate`` of the time, so that their formats are learnt alongside the arithmetic. An
     optional phase 2 (``debate_steps``, its own optimizer at ``debate_learning_rate``) trains whole
-    debate conversations with the loss on the replies only, plus half as many packed rows as an anchor;
-    the mini testbed uses only that phase.
+    debate conversations with the loss on the replies only; the mini testbed uses only that phase.
 
-    Measured alternatives (2 CPUs, 300 held-out problems, README "CPU testbed"): a separate phase 2
+    Measured alternatives (2 CPUs, 300 held-out problems; README status): a separate phase 2
     after phase 1 unlearnt copying the operands (1-2% right) or, at the tail of phase 1's schedule,
     never learnt the critic format; mixing debate conversations in only after step 700 ruined the
     arithmetic (1%); subtracting two 3-digit numbers in one step was the most frequent error until it
@@ -253,8 +252,7 @@ def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
         turns = [e for _ in range(spec.debate_problems) for c in debate_conversations(rng, spec, prompts)
                  if (e := encode_example(tok, c, spec.model.max_position_embeddings))]
         loss = model(**collate(turns, tok.pad_token_id)).loss
-        anchor = packed_rows(spec.arith_batch // 2) if spec.arith_batch >= 2 else 0.0
-        _step(model, opt, sched, loss + anchor)
+        _step(model, opt, sched, loss)
         bar.update()
         if step % 25 == 0:
             bar.set_postfix(phase="debate turns", loss=f"{float(loss.detach()):.3f}", refresh=False)
