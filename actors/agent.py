@@ -26,16 +26,27 @@ def _unpack(outputs: list[TurnBatch]) -> Any:
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-@ray.remote
+# If an agent's process dies (OOM, a killed worker, a lost GPU), Ray restarts it in its placement-group
+# bundle (the constructor reloads the weights from disk) and resubmits the calls it had not finished.
+# Resubmitting is correct because a call's output depends only on its inputs: every call carries its own
+# seed (SamplingParams.derive), so a retried round gives the text the lost one would have (exactly with
+# the HF engine; vLLM or a server honouring `seed` nearly so), and the coordinator writes a shard once,
+# after all of its rounds are back. Errors an engine raises (bad model, endpoint down) are not retried:
+# only the death of the process is.
+AGENT_MAX_RESTARTS = 3
+
+
+@ray.remote(max_restarts=AGENT_MAX_RESTARTS, max_task_retries=-1)
 class AgentActor:
     """Owns an engine for ``model_path`` and answers on behalf of the members named in ``members``."""
 
     def __init__(self, model: dict[str, Any], model_path: str, members: list[str],
-                 answer_instruction: str) -> None:
+                 prompts: PromptSet | str) -> None:
         logging.basicConfig(level=logging.INFO)
         self.members = members
         self.model_cfg = ModelConfig(**model)
-        self.prompts = PromptSet(answer_instruction)
+        # A PromptSet carries the method's prompt style; a bare string is the task's answer instruction.
+        self.prompts = prompts if isinstance(prompts, PromptSet) else PromptSet(prompts)
         self.load_error: EngineError | None = None
         try:
             self._engine = make_engine(self.model_cfg, model_path)
@@ -63,6 +74,10 @@ class AgentActor:
         """Raw engine access (benchmarks, interactive use)."""
         return self.engine.generate(conversations, sampling)
 
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
+        """Mean per-token NLL of each completion as this model's reply (held-out NLL, ``Engine.score``)."""
+        return self.engine.score(conversations, completions)
+
     def _run(self, per_member: list[list[Conversation]], sampling: SamplingParams) -> list[TurnBatch]:
         # One engine call for all members served here: the biggest batch the engine can get.
         flat = [c for convs in per_member for c in convs]
@@ -75,8 +90,8 @@ class AgentActor:
 
     def round1(self, questions: list[str], agents: list[int], sampling: SamplingParams) -> Any:
         """Round 1 for generators ``agents``: one TurnBatch each."""
-        msgs = round1_messages(questions, self.prompts)
-        return _unpack(self._run([msgs] * len(agents), sampling))
+        per = [round1_messages(questions, self.prompts, n) for n in agents]
+        return _unpack(self._run(per, sampling))
 
     def summarize(self, questions: list[str], agents: list[int], sampling: SamplingParams,
                   *previous: TurnBatch) -> Any:
@@ -97,5 +112,5 @@ class AgentActor:
         for k, n in enumerate(agents):
             contexts = (summaries[k].responses if summarized
                         else concatenated_contexts(questions, previous, n, self.prompts))
-            per.append(critic_messages(previous[n], contexts, self.prompts, summarized))
+            per.append(critic_messages(previous[n], contexts, self.prompts, summarized, n))
         return _unpack(self._run(per, sampling))

@@ -4,6 +4,12 @@ For each shard it submits the full round graph at once (round 1 on all generator
 m > 1 the summaries and the critics), chaining ObjectRefs from actor to actor; it only fetches the
 final texts to vote and write the shard. Up to ``debate.shards_in_flight`` shards are in the graph at
 once, so while one shard waits on its summaries the agents already work on the next.
+
+An agent actor that dies mid-debate is restarted by Ray and its unfinished calls are resubmitted
+(``actors.agent``: per-call seeds make a retried call reproduce the lost one), so the coordinator just
+waits on its ObjectRefs; a shard is written once, after every round of it is back, so no record is
+lost or written twice. Rather than re-creating actors itself, it leaves restarts to Ray: a restarted
+actor keeps its handle, its placement-group bundle and the ObjectRefs already chained to it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,48 @@ def _group(routes: dict[str, Any], role: str, n_agents: int) -> list[tuple[Any, 
     for n in range(n_agents):
         groups.setdefault(routes[f"{role}_{n}"], []).append(n)
     return list(groups.items())
+
+
+def submit_rounds(config: Config, routes: dict[str, Any], iteration: int, split: str, shard: Any,
+                  questions: list[str]) -> dict[str, list]:
+    """Submit every round of a debate over ``questions`` at once; returns ObjectRefs keyed "<round>/<role>".
+
+    Keys come in the order the rounds run ("1/generator", "2/summarizer", "2/critic", ...), each holding
+    one ObjectRef per agent (a ``TurnBatch``). Each call is seeded by (seed, iteration, split, shard,
+    round, role, agents). Shared by the batch coordinator and the interactive service.
+    """
+    n_agents, summarize = config.debate.agents, config.debate.summarize
+    base = SamplingParams.from_config(config.sampling)
+
+    def sampling(round_: int, role: str, agents: list[int]) -> SamplingParams:
+        return base.derive(iteration, split, shard, round_, role, *agents)
+
+    refs: dict[str, list] = {}
+    prev: list = [None] * n_agents
+    for actor, idxs in _group(routes, GENERATOR, n_agents):
+        out = actor.round1.options(num_returns=len(idxs)).remote(
+            questions, idxs, sampling(1, GENERATOR, idxs))
+        for n, ref in zip(idxs, _as_list(out, len(idxs))):
+            prev[n] = ref
+    refs["1/generator"] = list(prev)
+    for m in range(2, config.debate.rounds + 1):
+        summaries: list = []
+        if summarize:
+            everyone = list(range(n_agents))
+            out = routes[SUMMARIZER].summarize.options(num_returns=n_agents).remote(
+                questions, everyone, sampling(m, SUMMARIZER, everyone), *prev)
+            summaries = _as_list(out, n_agents)
+            refs[f"{m}/summarizer"] = summaries
+        new: list = [None] * n_agents
+        for actor, idxs in _group(routes, CRITIC, n_agents):
+            extra = [summaries[n] for n in idxs] if summarize else []
+            out = actor.critique.options(num_returns=len(idxs)).remote(
+                questions, idxs, sampling(m, CRITIC, idxs), summarize, *prev, *extra)
+            for n, ref in zip(idxs, _as_list(out, len(idxs))):
+                new[n] = ref
+        refs[f"{m}/critic"] = list(new)
+        prev = new
+    return refs
 
 
 @ray.remote(num_cpus=0)
@@ -75,38 +123,7 @@ class DebateCoordinator:
 
     def _submit(self, iteration: int, split: str, shard: int, questions: list[str]) -> dict[str, list]:
         """Submit every round of one shard; returns ObjectRefs keyed by round and role."""
-        n_agents, summarize = self.config.debate.agents, self.config.debate.summarize
-        base = SamplingParams.from_config(self.config.sampling)
-
-        def sampling(round_: int, role: str, agents: list[int]) -> SamplingParams:
-            return base.derive(iteration, split, shard, round_, role, *agents)
-
-        refs: dict[str, list] = {}
-        prev: list = [None] * n_agents
-        for actor, idxs in _group(self.routes, GENERATOR, n_agents):
-            out = actor.round1.options(num_returns=len(idxs)).remote(
-                questions, idxs, sampling(1, GENERATOR, idxs))
-            for n, ref in zip(idxs, _as_list(out, len(idxs))):
-                prev[n] = ref
-        refs["1/generator"] = list(prev)
-        for m in range(2, self.config.debate.rounds + 1):
-            summaries: list = []
-            if summarize:
-                everyone = list(range(n_agents))
-                out = self.routes[SUMMARIZER].summarize.options(num_returns=n_agents).remote(
-                    questions, everyone, sampling(m, SUMMARIZER, everyone), *prev)
-                summaries = _as_list(out, n_agents)
-                refs[f"{m}/summarizer"] = summaries
-            new: list = [None] * n_agents
-            for actor, idxs in _group(self.routes, CRITIC, n_agents):
-                extra = [summaries[n] for n in idxs] if summarize else []
-                out = actor.critique.options(num_returns=len(idxs)).remote(
-                    questions, idxs, sampling(m, CRITIC, idxs), summarize, *prev, *extra)
-                for n, ref in zip(idxs, _as_list(out, len(idxs))):
-                    new[n] = ref
-            refs[f"{m}/critic"] = list(new)
-            prev = new
-        return refs
+        return submit_rounds(self.config, self.routes, iteration, split, shard, questions)
 
     def _finish(self, iteration: int, split: str, out_dir: str, shard: int,
                 problems: list[tuple[str, str]], refs: dict[str, list], total: int) -> None:

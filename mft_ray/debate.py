@@ -2,6 +2,9 @@
 
 Both the Ray coordinator and the sequential reference loop build conversations with these functions,
 so the distributed run and the authors'-style loop are the same method by construction.
+
+Agent indices are passed along so that a ``unique_id`` prompt style can address each agent by its ID
+and label the other agents' responses with theirs; the default style ignores them.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from mft_ray.engines.base import Conversation
-from mft_ray.prompts import PromptSet
+from mft_ray.prompts import PromptSet, agent_id
 
 
 @dataclass
@@ -25,9 +28,9 @@ class TurnBatch:
         return [*self.messages[i], {"role": "assistant", "content": self.responses[i]}]
 
 
-def round1_messages(questions: Sequence[str], prompts: PromptSet) -> list[Conversation]:
-    """y[1,n] = A^G_n(prompt0(x)) for every problem x."""
-    return [[{"role": "user", "content": prompts.question(q)}] for q in questions]
+def round1_messages(questions: Sequence[str], prompts: PromptSet, agent: int | None = None) -> list[Conversation]:
+    """y[1,n] = A^G_n(prompt0(x)) for every problem x (``agent`` = n, used by the unique-ID style)."""
+    return [[{"role": "user", "content": prompts.question(q, agent)}] for q in questions]
 
 
 def others_of(previous: Sequence[TurnBatch], agent: int, i: int) -> list[str]:
@@ -35,11 +38,26 @@ def others_of(previous: Sequence[TurnBatch], agent: int, i: int) -> list[str]:
     return [batch.responses[i] for n, batch in enumerate(previous) if n != agent]
 
 
+def other_names(previous: Sequence[TurnBatch], agent: int, i: int) -> list[str]:
+    """Unique IDs of the agents behind ``others_of(previous, agent, i)``, in the same order.
+
+    A round-1 turn (a conversation of one prompt) came from a generator, GEN<n+1>; any later turn from
+    a critic, CRIT<n+1>.
+    """
+    return [agent_id("generator" if len(batch.messages[i]) == 1 else "critic", n)
+            for n, batch in enumerate(previous) if n != agent]
+
+
+def _names(prompts: PromptSet, previous: Sequence[TurnBatch], agent: int, i: int) -> list[str] | None:
+    return other_names(previous, agent, i) if prompts.style == "unique_id" else None
+
+
 def summary_messages(questions: Sequence[str], previous: Sequence[TurnBatch], agent: int,
                      prompts: PromptSet) -> list[Conversation]:
     """Summarizer prompts for s[m,agent], built only from round m-1 responses of the other agents."""
     return [
-        [{"role": "user", "content": prompts.summary(q, others_of(previous, agent, i))}]
+        [{"role": "user", "content": prompts.summary(q, others_of(previous, agent, i),
+                                                     _names(prompts, previous, agent, i))}]
         for i, q in enumerate(questions)
     ]
 
@@ -47,13 +65,15 @@ def summary_messages(questions: Sequence[str], previous: Sequence[TurnBatch], ag
 def concatenated_contexts(questions: Sequence[str], previous: Sequence[TurnBatch], agent: int,
                           prompts: PromptSet) -> list[str]:
     """The "w/o summary" context for ``agent``: the other round m-1 responses concatenated."""
-    return [prompts.concatenate(others_of(previous, agent, i)) for i in range(len(questions))]
+    return [prompts.concatenate(others_of(previous, agent, i), _names(prompts, previous, agent, i))
+            for i in range(len(questions))]
 
 
 def critic_messages(own_previous: TurnBatch, contexts: Sequence[str], prompts: PromptSet,
-                    summarized: bool) -> list[Conversation]:
-    """Agent n's conversation so far plus critic_prompt(x, s[m,n])."""
+                    summarized: bool, agent: int | None = None) -> list[Conversation]:
+    """Agent n's conversation so far plus critic_prompt(x, s[m,n]) (``agent`` = n, for unique IDs)."""
     return [
-        [*own_previous.conversation_so_far(i), {"role": "user", "content": prompts.critique(c, summarized)}]
+        [*own_previous.conversation_so_far(i),
+         {"role": "user", "content": prompts.critique(c, summarized, agent)}]
         for i, c in enumerate(contexts)
     ]

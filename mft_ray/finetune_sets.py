@@ -18,7 +18,12 @@ With ŷ the final-round majority of a problem and a ≡ b the task's equivalence
   counts record this). The rule never fails and never invents examples.
 
 Problems whose majority is None (no agent gave a parseable final answer) contribute nothing. No
-ground truth is read anywhere here.
+ground truth is read anywhere here except by the STaR functions, which take the labels as an argument.
+
+**STaR** (``star_examples``, the only rule here that reads ground truth, passed in explicitly): every
+round-1 reply whose answer ≡ the label, plus, for each wrong or unparseable one, the rationalization the
+model wrote when re-asked with the label as a hint, if its answer ≡ the label; a rationalization is
+paired with the agent's *un-hinted* round-1 prompt.
 
 A critic example is agent n's whole conversation (round-1 prompt, its round-1 reply, each critic
 prompt and reply). Its round-1 reply carries ``"weight": 0`` (the OpenAI fine-tuning convention) so
@@ -33,7 +38,7 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -150,3 +155,55 @@ def majority_ft(records: pa.Table, equivalent: Callable[[str, str], bool], vote_
             if r["answer"] is not None and equivalent(vote.answer, r["answer"]):
                 out.append({"problem_id": pid, "messages": _conversation(r)})
     return out
+
+
+def _round1(records: pa.Table) -> list[dict]:
+    """Round-1 generator rows, sorted by (problem id, agent)."""
+    rows = [r for r in records.to_pylist() if r["role"] == "generator" and r["round"] == 1]
+    return sorted(rows, key=lambda r: (r["problem_id"], r["agent"]))
+
+
+def _label(labels: Mapping[str, str], pid: str) -> str:
+    if pid not in labels:
+        raise ValueError(f"no ground-truth label for problem {pid}")
+    return labels[pid]
+
+
+def star_requests(records: pa.Table, labels: Mapping[str, str],
+                  is_correct: Callable[[str | None, str], bool]) -> list[tuple[str, int]]:
+    """STaR: (problem id, agent) of every round-1 reply whose answer is wrong or unparseable; each is
+    re-asked with its label as a hint (the rationalization pass)."""
+    return [(r["problem_id"], r["agent"]) for r in _round1(records)
+            if not is_correct(r["answer"], _label(labels, r["problem_id"]))]
+
+
+def star_examples(records: pa.Table, labels: Mapping[str, str], rationalizations: Sequence[dict[str, Any]],
+                  is_correct: Callable[[str | None, str], bool],
+                  extract_answer: Callable[[str], str | None]) -> tuple[list[Example], dict[str, int]]:
+    """STaR's finetuning set from round-1 records, the labels and the rationalization pass's output.
+
+    ``rationalizations`` holds one ``{"problem_id", "agent", "response"}`` per ``star_requests`` entry.
+    Returns the examples (sorted by problem and agent) and counts: ``correct`` (kept as answered),
+    ``rationalized`` (kept rationalizations), ``failed`` (rationalizations that missed the label).
+    """
+    by_key = {(r["problem_id"], int(r["agent"])): r["response"] for r in rationalizations}
+    examples: list[Example] = []
+    counts = {"samples": 0, "correct": 0, "rationalized": 0, "failed": 0}
+    for row in _round1(records):
+        pid, n = row["problem_id"], row["agent"]
+        label = _label(labels, pid)
+        counts["samples"] += 1
+        if is_correct(row["answer"], label):
+            counts["correct"] += 1
+            examples.append({"problem_id": pid, "messages": _conversation(row)})
+            continue
+        if (pid, n) not in by_key:
+            raise ValueError(f"problem {pid}, agent {n}: wrong round-1 answer but no rationalization")
+        response = by_key[(pid, n)]
+        if not is_correct(extract_answer(response), label):
+            counts["failed"] += 1
+            continue
+        counts["rationalized"] += 1
+        # The un-hinted round-1 prompt: at test time there is no hint to lean on.
+        examples.append({"problem_id": pid, "messages": _conversation({**row, "response": response})})
+    return examples, counts

@@ -2,8 +2,10 @@
 
 The rows follow the paper's comparison on one task: Base (one agent, one sample), Majority (N
 independent samples, vote; both read from iteration 0's round-1 records), Debate (the untrained society,
-iteration 0) and Multiagent FT after each finetuning iteration. Every accuracy is the share of the
-evaluation split answered correctly, with its standard error sqrt(p(1-p)/n).
+iteration 0) and the run's method (Multiagent FT by default) after each finetuning iteration. Every
+accuracy is the share of the evaluation split answered correctly, with its standard error
+sqrt(p(1-p)/n). Below the table, the diversity figures of every iteration. Reports over several runs
+(Table 1 grid, Figures 1-5) are ``jobs.report``'s.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mft_ray.multirun import DIVERSITY_METRICS, fmt, method_title
 from mft_ray.records import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -21,11 +24,14 @@ TABLE_NAME = "results.md"
 PLOT_NAME = "accuracy.png"
 
 
-def _examples(datasets: dict[str, Any] | None) -> tuple[int, int] | None:
-    """(generator examples, critic examples) summed over agents, from an iteration's counts.json."""
+def _examples(datasets: dict[str, Any] | None) -> tuple[int, int] | int | None:
+    """(generator examples, critic examples) summed over agents from an iteration's counts.json, or the
+    examples of the one shared model (single-model methods, whose counts hold no per-agent sets)."""
     if not datasets:
         return None
     agents = [v for k, v in datasets.items() if k.startswith("agent_")]
+    if not agents and isinstance(datasets.get("trained"), dict):
+        return sum(datasets["trained"].values())
     return sum(a["generator"] for a in agents), sum(a["critic"] for a in agents)
 
 
@@ -36,6 +42,7 @@ def result_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         raise ValueError("metrics.json has no iteration 0 (the debate baseline)")
     first = iterations[0]
     n = summary.get("agents", "N")
+    title = method_title(summary.get("method") or "multiagent_ft", summary)
     rows = [
         {"method": "Base (one sample)", "iteration": 0, "accuracy": first["base_accuracy"],
          "stderr": first["base_stderr"], "consensus": None, "examples": None},
@@ -44,7 +51,7 @@ def result_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     for entry in iterations:
         it = entry["iteration"]
-        rows.append({"method": "Debate (iteration 0)" if it == 0 else f"Multiagent FT (iteration {it})",
+        rows.append({"method": "Debate (iteration 0)" if it == 0 else f"{title} (iteration {it})",
                      "iteration": it, "accuracy": entry["accuracy"], "stderr": entry["stderr"],
                      "consensus": entry["consensus"], "examples": _examples(entry.get("datasets"))})
     debate = rows[2]
@@ -68,9 +75,21 @@ def markdown_table(summary: dict[str, Any]) -> str:
     ]
     for r in rows:
         cons = "–" if r["consensus"] is None else f"{r['consensus']:.3f}"
-        ex = "–" if r["examples"] is None else f"{r['examples'][0]} / {r['examples'][1]}"
+        ex = ("–" if r["examples"] is None else f"{r['examples']} (one model)" if isinstance(r["examples"], int)
+              else f"{r['examples'][0]} / {r['examples'][1]}")
         vs = "–" if r["method"].startswith("Debate") else f"{r['vs_debate_se']:+.1f}"
         lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f} | {vs} | {cons} | {ex} |")
+    return "\n".join(lines) + "\n"
+
+
+def diversity_table(summary: dict[str, Any]) -> str:
+    """Diversity of the society's final responses per iteration (``mft_ray.diversity``), as Markdown."""
+    lines = ["Diversity per iteration (definitions in mft_ray/diversity.py):", "",
+             "| Iteration | Consensus | " + " | ".join(label for _, label in DIVERSITY_METRICS) + " |",
+             "|---|---|" + "---|" * len(DIVERSITY_METRICS)]
+    for e in sorted(summary["iterations"], key=lambda e: e["iteration"]):
+        lines.append(f"| {e['iteration']} | {fmt(e.get('consensus'))} | "
+                     + " | ".join(fmt(e.get(key)) for key, _ in DIVERSITY_METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,10 +101,11 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = result_rows(summary)
-    society = [r for r in rows if r["method"].startswith(("Debate", "Multiagent"))]
+    title = method_title(summary.get("method") or "multiagent_ft", summary)
+    society = [r for r in rows if r["iteration"] > 0 or r["method"].startswith("Debate")]
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     ax.errorbar([r["iteration"] for r in society], [100 * r["accuracy"] for r in society],
-                yerr=[100 * r["stderr"] for r in society], marker="o", capsize=4, label="Multiagent FT (society)")
+                yerr=[100 * r["stderr"] for r in society], marker="o", capsize=4, label=f"{title} (society)")
     for r, style in zip(rows[:2], ("--", ":")):
         ax.axhline(100 * r["accuracy"], linestyle=style, color="gray", label=r["method"])
     ax.set_xlabel("finetuning iteration (0 = Debate, untrained)")
@@ -107,7 +127,7 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> str:
     """Write ``results.md`` and ``accuracy.png`` into the run directory; return the table."""
     table = markdown_table(summary)
     root = Path(run_dir)
-    text = f"# Results\n\n{table}\n![accuracy per iteration]({PLOT_NAME})\n"
+    text = f"# Results\n\n{table}\n{diversity_table(summary)}\n![accuracy per iteration]({PLOT_NAME})\n"
     if (root / PLOT_NAME).is_file() and (root / TABLE_NAME).is_file() and (root / TABLE_NAME).read_text() == text:
         return table  # a resumed, finished run: nothing changed, rewrite nothing
     write_text_atomic(text, root / TABLE_NAME)

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 # Periods of the Fourier features: units, tens, hundreds, and 2000 to tell -336 from 664.
 FOURIER_PERIODS = (10, 100, 1000, 2000)
+# Bumped whenever the generated training text changes, so that a cached testbed is never reused stale.
+RECIPE = 2
 ARITH_INSTRUCTION = "Put your final answer in the form \\boxed{answer} at the end of your response."
 
 
@@ -35,10 +37,11 @@ class TestbedSpec:
     """Everything that determines the testbed; all of it enters the cache key.
 
     The default is one phase (``steps``): ``arith_batch`` rows of ``arith_seq`` tokens packed with
-    rendered conversations, the loss on every token. Most are round-1 conversations (the debate's prompt
-    and a correct step-by-step solution, the large subtraction taken in two easier steps); the other
-    ``debate_share`` are summarizer and critic conversations built from three sampled solutions that
-    slip ``slip_rate`` of the time, so that their formats are learnt alongside the arithmetic. An
+    rendered conversations, the loss on every token. A ``debate_share`` of the rows starts with one whole
+    summarizer or critic conversation (built from three sampled solutions that slip ``slip_rate`` of the
+    time), so that their formats are learnt alongside the arithmetic; the rest of every row is round-1
+    conversations (the debate's prompt and a correct step-by-step solution, the large subtraction taken
+    in two easier steps). An
     optional phase 2 (``debate_steps``, its own optimizer at ``debate_learning_rate``) trains whole
     debate conversations with the loss on the replies only; the mini testbed uses only that phase.
 
@@ -46,7 +49,10 @@ class TestbedSpec:
     after phase 1 unlearnt copying the operands (1-2% right) or, at the tail of phase 1's schedule,
     never learnt the critic format; mixing debate conversations in only after step 700 ruined the
     arithmetic (1%); subtracting two 3-digit numbers in one step was the most frequent error until it
-    was split.
+    was split. Recipe 1 packed debate conversations anywhere in a row, so a critic's reply was often
+    cut off, and its "keep" reply rewrote the whole solution: critics garbled the operands and Debate
+    fell to 1%. Recipe 2 (row-start conversations, short keep replies): critics parse 100%, Debate 59%
+    at temperature 0.5, but summaries are right only ~50%, so round 2 still loses to round 1.
     """
 
     model: TinyModelSpec = TinyModelSpec(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
@@ -62,8 +68,8 @@ class TestbedSpec:
     # Number tokens (-999..999) start from Fourier features of their value, so that adding or
     # subtracting numbers is a rotation the model can learn in minutes instead of a table to memorise.
     fourier_scale: float = 1.0
-    # Share of phase 1's packed conversations that are summarizer or critic conversations.
-    debate_share: float = 0.3
+    # Share of phase 1's rows that start with a whole summarizer or critic conversation.
+    debate_share: float = 0.5
     slip_rate: float = 0.15
     max_int: int = 30
     seed: int = 0
@@ -71,7 +77,7 @@ class TestbedSpec:
     def key(self) -> str:
         import hashlib
 
-        blob = json.dumps([asdict(self), testbed_words()], sort_keys=True).encode()
+        blob = json.dumps([asdict(self), testbed_words(), RECIPE], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -91,7 +97,7 @@ def testbed_words() -> list[str]:
     text = " ".join([
         prompts.question(arithmetic_question(1, 2, 3, 4, 5, 6)), prompts.summary("q", ["a", "b"]),
         prompts.critique("c", summarized=True), prompts.critique("c", summarized=False),
-        prompts.concatenate(["a"]), _summary([1, 2]), _joined(1), _kept("x"),
+        prompts.concatenate(["a"]), _summary([1, 2]), _joined(1), _kept(1),
     ])
     return sorted(set(re.findall(r"[A-Za-z]+", text)))
 
@@ -151,8 +157,10 @@ def _joined(answer: int) -> str:
     return f"The other agents agree on {answer}. \\boxed{{{answer}}}"
 
 
-def _kept(solution: str) -> str:
-    return f"I keep my answer. {solution}"
+def _kept(answer: int) -> str:
+    # Short on purpose: copying one number from its own earlier reply is within a tiny model's reach,
+    # while re-writing a whole solution far from the question garbles the operands (measured).
+    return f"I keep my answer. \\boxed{{{answer}}}"
 
 
 def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random.Random,
@@ -163,7 +171,7 @@ def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random
     if others[0] == others[1] and others[0] != own and rng.random() < 0.7:
         return _joined(others[0])
     if rng.random() < 0.6:
-        return _kept(first[0][0])
+        return _kept(own)
     return solve(ops, rng, spec.slip_rate / 2)[0]
 
 
@@ -223,15 +231,17 @@ def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
         rows = []
         for _ in range(count):
             ids: list[int] = []
+            if rng.random() < spec.debate_share:
+                # A summarizer or critic conversation starts the row, as at inference (position 0),
+                # and is never cut: packed mid-row, its reply at the end fell past the row's end.
+                conv = rng.choice(debate_conversations(rng, spec, prompts)[1:])
+                ids += tok.apply_chat_template(conv, tokenize=True, return_dict=False)
             while len(ids) < spec.arith_seq:
                 # The whole rendered round-1 conversation, so that operands are copied from where the
                 # debate's prompt puts them (a bare question teaches copying from the wrong offsets).
-                if rng.random() < spec.debate_share:
-                    conv = rng.choice(debate_conversations(rng, spec, prompts)[1:])
-                else:
-                    ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
-                    conv = [*round1_messages([arithmetic_question(*ops)], prompts)[0],
-                            {"role": "assistant", "content": solve(ops, rng, 0.0)[0]}]
+                ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
+                conv = [*round1_messages([arithmetic_question(*ops)], prompts)[0],
+                        {"role": "assistant", "content": solve(ops, rng, 0.0)[0]}]
                 ids += tok.apply_chat_template(conv, tokenize=True, return_dict=False)
             rows.append(ids[: spec.arith_seq])
         x = torch.tensor(rows)

@@ -173,3 +173,67 @@ def test_derived_seed_fits_32_bits_and_is_stable() -> None:
     assert 0 <= seed < 2**32
     # Pinned value: a seed that changed between processes or versions would break resumed shards.
     assert seed == 215252838
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt styles (mft_ray.methods picks one per method)
+
+
+def test_default_style_texts_are_the_ones_the_testbeds_were_trained_on() -> None:
+    # Spelled out: the built-in testbeds learned these exact words; a change here silently breaks them.
+    p = PromptSet("End with \\boxed{x}.")
+    assert p.question("Q?") == p.question("Q?", agent=2) == "Q?\nSolve the problem step by step. End with \\boxed{x}."
+    assert p.summary("Q?", ["a", "b"]) == (
+        "Here are responses from other agents to the problem: Q?\n\nAgent 1: a\n\nAgent 2: b\n\n"
+        "Summarize these responses briefly, keeping each agent's key reasoning and final answer.")
+    assert p.critique("S", True, agent=1) == p.critique("S", True) == (
+        "Here is a summary of the responses from other agents: S\n\nUsing the reasoning from other agents as "
+        "additional advice, can you give an updated answer? Examine your solution and that of the other agents "
+        "step by step. End with \\boxed{x}.")
+    assert p.critique("S", False).startswith("These are the solutions to the problem from other agents: S\n\n")
+    assert p.concatenate(["a"]) == "\n\nOne agent solution: ```a```"
+
+
+def test_unknown_style_is_refused() -> None:
+    with pytest.raises(ValueError, match="prompt style must be one of"):
+        PromptSet(style="friendly")
+
+
+def test_cooperative_critic_combines_instead_of_critiquing() -> None:
+    coop = PromptSet("End with \\boxed{x}.", style="cooperative")
+    text = coop.critique("S", True, agent=0)
+    assert text.startswith("Here is a summary of the responses from other agents: S\n\n")
+    assert "combine your solution and theirs into a single, improved solution" in text
+    assert "updated answer" not in text and "Examine" not in text
+    assert text.endswith("End with \\boxed{x}.")
+    # Generators and the summarizer are asked exactly as in the debate style.
+    assert coop.question("Q?", 1) == PROMPTS_PLAIN.question("Q?")
+    assert coop.summary("Q?", ["a"]) == PROMPTS_PLAIN.summary("Q?", ["a"])
+
+
+PROMPTS_PLAIN = PromptSet(answer_instruction="End with \\boxed{x}.")
+UNIQUE = PromptSet(answer_instruction="End with \\boxed{x}.", style="unique_id")
+
+
+def test_unique_ids_address_each_agent_and_label_the_others() -> None:
+    gen = [TurnBatch(round1_messages(QUESTIONS, UNIQUE, n), [reply(n, 1, i) for i in range(2)]) for n in range(N)]
+    for n in range(N):
+        assert gen[n].messages[0][0]["content"] == f"You are agent GEN{n + 1}. " + PROMPTS_PLAIN.question(QUESTIONS[0])
+    # Round 2: the summary for agent 1 shows GEN1 and GEN3's round-1 replies under their IDs.
+    summ = summary_messages(QUESTIONS, gen, 1, UNIQUE)[0][0]["content"]
+    assert f"GEN1: {reply(0, 1, 0)}" in summ and f"GEN3: {reply(2, 1, 0)}" in summ
+    assert "GEN2" not in summ and "Agent 1" not in summ
+    crit = [TurnBatch(critic_messages(gen[n], ["s", "s"], UNIQUE, True, n), [reply(n, 2, i) for i in range(2)])
+            for n in range(N)]
+    assert crit[2].messages[0][-1]["content"].startswith("You are agent CRIT3. Here is a summary")
+    assert crit[2].messages[0][0]["content"].startswith("You are agent GEN3. ")  # its own round-1 turn
+    # Round 3 without summaries: the others' round-2 replies come from critics, labelled CRIT<n>.
+    ctx = concatenated_contexts(QUESTIONS, crit, 0, UNIQUE)[1]
+    assert ctx == (f"\n\nSolution of agent CRIT2: ```{reply(1, 2, 1)}```"
+                   f"\n\nSolution of agent CRIT3: ```{reply(2, 2, 1)}```")
+
+
+def test_star_hint_prompt_holds_question_answer_and_instruction() -> None:
+    text = PROMPTS_PLAIN.rationalize("What is 2+2?", "4")
+    assert text.startswith("What is 2+2?\n") and "the correct final answer is 4." in text
+    assert text.endswith("End with \\boxed{x}.")

@@ -158,3 +158,10 @@ def test_single_round_debate(task) -> None:
     assert m["accuracy"] == pytest.approx(0.75)
     assert m["accuracy"] == m["majority_accuracy"]
     assert m["agent_accuracy_by_round"] == pytest.approx({"1": 0.5})
+
+
+def test_consensus_agrees_with_the_diversity_module(task) -> None:
+    from mft_ray.diversity import consensus
+
+    m = evaluate_records(rows_to_table(debate_rows()), problems(), task)
+    assert consensus(rows_to_table(debate_rows())) == pytest.approx((m["consensus"], m["diversity"]))

@@ -284,3 +284,78 @@ def test_final_path_is_never_a_partial_file_even_for_readers(tmp_path: Path,
     assert seen["where"] != path and seen["where"].parent == path.parent
     assert not seen["where"].exists() and path.exists()
     assert os.path.getsize(path) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Checked readers: markers and sealed sets
+
+
+def test_read_json_checked_trusts_only_whole_json(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mft_ray.records import read_json_checked
+
+    path = tmp_path / "society.json"
+    assert read_json_checked(path) is None  # missing: the stage has not run
+    write_json_atomic({"generator_0": "/x"}, path)
+    assert read_json_checked(path) == {"generator_0": "/x"}
+    path.write_text(path.read_text()[:-6])
+    with caplog.at_level(logging.WARNING, logger="mft_ray.records"):
+        assert read_json_checked(path) is None
+    assert "not valid JSON" in caplog.text and not path.exists()
+    path.write_bytes(b"\xff\xfe{")
+    assert read_json_checked(path) is None and not path.exists()
+
+
+def test_sealed_marker_round_trip_and_every_kind_of_damage(tmp_path: Path) -> None:
+    from mft_ray.records import SEAL_KEY, file_digest, read_sealed_json, write_jsonl_atomic, write_sealed_json
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "sub" / "b.jsonl"
+    write_jsonl_atomic([{"x": 1}, {"x": 2}], a)
+    write_jsonl_atomic([], b)  # an empty set is sealed too
+    marker = tmp_path / "counts.json"
+    write_sealed_json({"n": 2}, marker, [a, b])
+    assert json.loads(marker.read_text())[SEAL_KEY] == {"a.jsonl": file_digest(a), "sub/b.jsonl": file_digest(b)}
+    assert read_sealed_json(marker) == {"n": 2}
+
+    def damaged(change) -> bool:
+        write_jsonl_atomic([{"x": 1}, {"x": 2}], a)
+        write_jsonl_atomic([], b)
+        write_sealed_json({"n": 2}, marker, [a, b])
+        change()
+        return read_sealed_json(marker) is None and not marker.exists()
+
+    assert damaged(lambda: a.write_text('{"x": 1}\n'))  # cut at a line: still valid JSONL
+    assert damaged(lambda: a.write_text(a.read_text().replace("1", "7")))  # same size, other bytes
+    assert damaged(lambda: b.unlink())
+    assert damaged(lambda: marker.write_text(marker.read_text()[:20]))
+    assert damaged(lambda: write_json_atomic({"n": 2}, marker))  # no seal: an older version's marker
+    assert read_sealed_json(tmp_path / "never-written.json") is None
+
+
+def test_atomic_writers_flush_to_disk_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rename that reaches the disk before the data would leave a complete-looking empty file after a
+    power loss: each writer fsyncs its temporary file first."""
+    from mft_ray.records import write_text_atomic
+
+    order = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(records.os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(records.os, "replace", lambda s, d: (order.append("replace"), real_replace(s, d))[1])
+    write_text_atomic("x", tmp_path / "t.txt")
+    write_table_atomic(rows_to_table(make_rows(["p0"])), tmp_path / "t.parquet")
+    assert order == ["fsync", "replace", "fsync", "replace"]
+
+
+def test_read_only_callers_leave_a_broken_marker_in_place(tmp_path):
+    """``repair=False`` (mft status / serve, evaluating another run's society) reports a broken file as
+    absent without deleting it; the default (the job that redoes the stage) removes it."""
+    from mft_ray.records import read_json_checked
+    from mft_ray.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    run.iteration_dir(1).mkdir(parents=True)
+    run.society_path(1).write_text('{"generator_0": "/x", "crit')
+    assert run.read_society(1, repair=False) is None and run.society_path(1).exists()
+    run.society_path(1).write_text("[1, 2]")
+    assert run.read_society(1, repair=False) is None and run.society_path(1).exists()
+    assert read_json_checked(run.society_path(1), repair=False) == [1, 2]
+    assert run.read_society(1) is None and not run.society_path(1).exists()

@@ -17,6 +17,10 @@ class EngineError(RuntimeError):
     """An engine could not be built or could not serve a request; the message says why."""
 
 
+class ScoringNotSupported(EngineError, NotImplementedError):
+    """The engine cannot score given text (e.g. a chat-completions API that returns no prompt log-probs)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Decoding settings for one call. ``seed`` makes a call reproducible for the same batch."""
@@ -48,6 +52,17 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[str]:
         """Return one generated text per conversation, in order."""
+
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
+        """Mean per-token negative log-likelihood (nats) of each completion as this model's reply.
+
+        Completion i is scored as the assistant turn that follows ``conversations[i]`` rendered with the
+        chat template and the generation prompt, exactly as ``generate`` would continue it; only the
+        completion's own tokens count (no end-of-turn token). None for a completion with no tokens.
+        Engines that cannot score raise ``ScoringNotSupported``.
+        """
+        raise ScoringNotSupported(f"{type(self).__name__} ({self.model_path}) cannot score text: "
+                                  "held-out NLL needs a local model (engine hf or vllm)")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release accelerator memory."""

@@ -11,6 +11,9 @@ from mft_ray.engines.base import Conversation, Engine, EngineError, SamplingPara
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# score(): at most this many tokens (sequences x longest sequence) per forward pass, so that a batch of long
+# critic conversations never holds more activations than a few generate() steps would.
+SCORE_TOKENS = 16384
 
 
 class HFEngine(Engine):
@@ -85,6 +88,55 @@ class HFEngine(Engine):
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, text in zip(idx, texts):
                 out[i] = text
+        return out
+
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
+        """Mean per-token NLL of each completion after its rendered conversation (see ``Engine.score``).
+
+        Sequences are left-padded, so every completion ends at the last position and only the last
+        ``max completion length + 1`` logits of a batch are kept; position ids are derived from the
+        attention mask so that padding does not shift positions (``generate`` does the same).
+        """
+        import torch
+
+        if len(conversations) != len(completions):
+            raise ValueError(f"score: {len(conversations)} conversations but {len(completions)} completions")
+        prompts = self.render(conversations) if conversations else []
+        targets = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+        out: list[float | None] = [None] * len(prompts)
+        order = sorted((i for i in range(len(prompts)) if targets[i]), key=lambda i: len(prompts[i]) + len(targets[i]))
+        batches: list[list[int]] = []
+        for i in order:
+            # Sorted by length, so the newest sequence is the batch's longest.
+            size = len(prompts[i]) + len(targets[i])
+            if batches and len(batches[-1]) < self.max_batch_size and (len(batches[-1]) + 1) * size <= SCORE_TOKENS:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        for idx in batches:
+            seqs = [prompts[i] + targets[i] for i in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, seq in enumerate(seqs):
+                ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            keep = max(len(targets[i]) for i in idx) + 1  # logits at t predict token t+1
+            inputs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                          position_ids=positions.to(self.device))
+            with torch.inference_mode():
+                try:
+                    logits = self.model(**inputs, logits_to_keep=keep).logits
+                except TypeError:  # a model class without logits_to_keep: slice the full logits
+                    logits = self.model(**inputs).logits
+                logits = logits[:, -keep:]
+                for row, i in enumerate(idx):
+                    n = len(targets[i])
+                    lp = logits[row, keep - 1 - n:keep - 1].float()
+                    target = torch.tensor(targets[i], device=lp.device)
+                    nll = torch.logsumexp(lp, dim=-1) - lp.gather(-1, target[:, None]).squeeze(-1)
+                    out[i] = float(nll.mean())
         return out
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Sequence
 
-from mft_ray.engines.base import Conversation, Engine, EngineError, SamplingParams
+from mft_ray.engines.base import Conversation, Engine, EngineError, SamplingParams, ScoringNotSupported
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,12 @@ class OpenAIEngine(Engine):
                 raise exc
             raise EngineError(f"POST {self.public_url}: {self._redact(repr(exc))}") from exc
         return [f.result() for f in futures]
+
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
+        """Not possible here: chat completions return no log-probabilities of text the caller supplies."""
+        raise ScoringNotSupported(f"engine 'openai' ({self.model_path}) cannot score given text: chat completions "
+                                  "return no log-probs of a supplied reply; set metrics.nll_problems=0 or "
+                                  "metrics.nll_model to a local checkpoint")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -40,5 +40,35 @@ class VLLMEngine(Engine):
         outputs = self.llm.chat(list(conversations), sampling_params=params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
 
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
+        """Mean per-token NLL of each completion (see ``Engine.score``) from vLLM's prompt log-probs.
+
+        Prompt and completion are tokenized separately and concatenated, so the completion's tokens are
+        exactly the last ones; ``prompt_logprobs=0`` returns the log-prob of each actual prompt token.
+        """
+        from vllm import SamplingParams as VSamplingParams
+
+        if len(conversations) != len(completions):
+            raise ValueError(f"score: {len(conversations)} conversations but {len(completions)} completions")
+        tokenizer = self.llm.get_tokenizer()
+        out: list[float | None] = [None] * len(completions)
+        requests, where = [], []
+        for i, (conv, completion) in enumerate(zip(conversations, completions)):
+            prompt = tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
+            head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            if tail:
+                requests.append({"prompt_token_ids": head + tail})
+                where.append((i, len(head)))
+        if not requests:
+            return out
+        params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        results = self.llm.generate(requests, params, use_tqdm=False)
+        for (i, start), request, result in zip(where, requests, results):
+            ids = request["prompt_token_ids"]
+            logprobs = [result.prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids))]
+            out[i] = -sum(logprobs) / len(logprobs)
+        return out
+
     def close(self) -> None:
         del self.llm

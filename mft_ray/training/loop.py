@@ -4,8 +4,15 @@ One call finetunes one agent: it loads the initial checkpoint, encodes the agent
 the model's chat template (loss on target turns only), trains with DeepSpeed (ZeRO stage from the
 config; torch.distributed is already set up by Ray Train: NCCL on GPU, gloo on CPU), and exports a
 Hugging Face checkpoint (model + tokenizer) to ``output_dir``. The export goes to a temporary sibling
-directory that rank 0 renames into place only when complete, so a crash never leaves a directory
-that looks finished.
+directory that rank 0 renames into place only when complete (with a manifest of its files, see
+``mft_ray.checkpoints``), so a crash never leaves a directory that looks finished.
+
+Fault tolerance: at the end of every epoch (and every ``checkpoint_every_steps`` optimizer steps, if
+set) each worker saves DeepSpeed's full training state (weights, optimizer, scheduler) plus its place
+in the data and reports it to Ray Train. When Ray Train restarts a failed worker group
+(``FailureConfig.max_failures``) or a rerun finds the same run in storage, the loop resumes from that
+checkpoint: the data order is fixed by (seed, epoch), so the finished weights equal those of an
+uninterrupted run. A checkpoint from another job (another config, data file or world size) is ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mft_ray.checkpoints import METRICS_NAME, fsync_tree, write_manifest
 from mft_ray.training.tokenize import collate, encode_example
 
 logger = logging.getLogger(__name__)
@@ -69,10 +77,135 @@ def _mean_loss(engine: Any, encoded: list[dict], pad_id: int, batch_size: int, d
     return total / max(count, 1)
 
 
+def _fingerprint(cfg: dict[str, Any], examples: int, world: int) -> str:
+    """What a training-state checkpoint must match to be resumed: the job's settings, data and world size."""
+    import hashlib
+
+    from mft_ray.records import file_digest
+
+    keys = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "output_dir"}
+    blob = json.dumps({"cfg": keys, "data": file_digest(cfg["data_path"]), "examples": examples, "world": world},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+_TAG = "state"  # the DeepSpeed checkpoint tag inside a Ray Train checkpoint directory
+
+
+def _state_problem(root: Path, fingerprint: str, world: int) -> str | None:
+    """Why the training-state checkpoint in ``root`` cannot be resumed (None if it can)."""
+    for r in range(world):
+        for name in (f"trainer_state_rank{r}.json", f"files_rank{r}.json"):
+            try:
+                data = json.loads((root / name).read_text())
+            except (OSError, ValueError) as exc:
+                return f"{name}: {exc}"
+            if name.startswith("trainer_state") and data.get("fingerprint") != fingerprint:
+                return "it belongs to another job (settings, data or world size differ)"
+            if name.startswith("files"):
+                for rel, size in data.items():
+                    f = root / rel
+                    if not f.is_file() or f.stat().st_size != size:
+                        return f"{rel} is missing or truncated"
+    return None
+
+
+def _save_state(engine: Any, state: dict[str, Any], rank: int, metrics: dict[str, Any]) -> None:
+    """Save DeepSpeed's state and this rank's place in the data; report both to Ray Train (collective)."""
+    import tempfile
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="mft-train-state-") as tmp:
+        root = Path(tmp)
+        engine.save_checkpoint(tmp, tag=_TAG, save_latest=False)
+        (root / f"trainer_state_rank{rank}.json").write_text(json.dumps(state))
+        files = {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+        # Written last: Ray Train merges every rank's files into one directory; a resume checks that each
+        # rank's list is all there with its sizes before DeepSpeed reads any of it.
+        (root / f"files_rank{rank}.json").write_text(json.dumps(files))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(engine: Any, fingerprint: str, world: int, name: str) -> dict[str, Any] | None:
+    """The training state to resume from Ray Train's latest checkpoint, loaded into ``engine``; None if
+    there is none or it cannot be used (then training starts over, which gives the same result)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    rank = ray.train.get_context().get_world_rank()
+    with checkpoint.as_directory() as d:
+        root = Path(d)
+        why = _state_problem(root, fingerprint, world)
+        if why is not None:
+            # Every rank reads the same files, so every rank decides the same way.
+            logger.warning("%s: not resuming from checkpoint %s (%s); training from the start", name, root, why)
+            return None
+        # DeepSpeed's checkpoint format is torch's (pickle-based): it is read only from this run's own
+        # Ray Train storage, after the fingerprint above matched the state this job wrote.
+        load_path, _ = engine.load_checkpoint(d, tag=_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"{name}: DeepSpeed could not load the training state in {root}")
+        state = json.loads((root / f"trainer_state_rank{rank}.json").read_text())
+    logger.info("%s: resumed from %s after %d of its micro-batches", name, root, state["next"])
+    return state
+
+
+def _get_rng() -> dict[str, Any]:
+    """torch's RNG states as JSON (dropout draws from them: a resumed run must continue the same stream)."""
+    import base64
+
+    import torch
+
+    def enc(t: Any) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode()
+
+    out = {"cpu": enc(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        out["cuda"] = enc(torch.cuda.get_rng_state())
+    return out
+
+
+def _set_rng(saved: dict[str, Any]) -> None:
+    import base64
+
+    import torch
+
+    def dec(text: str) -> Any:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(dec(saved["cpu"]))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(dec(saved["cuda"]))
+
+
+def _fault_hook(cfg: dict[str, Any], rank: int) -> None:
+    """Testing aid, inert unless the job's config has ``_fault_hook`` (a directory; never set by jobs).
+
+    After the first checkpoint of a run that did not resume, rank 0 writes its pid to
+    ``<dir>/<name>.pid`` and waits while ``<dir>/<name>.hold`` exists (at most 10 minutes), so a test can
+    kill a worker at a known point of training.
+    """
+    hook = cfg.get("_fault_hook")
+    if not hook or rank != 0:
+        return
+    import time
+
+    d = Path(hook)
+    (d / f"{cfg['name']}.pid").write_text(str(os.getpid()))
+    deadline = time.time() + 600
+    while (d / f"{cfg['name']}.hold").exists() and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train entry point. ``cfg`` keys: init_path, data_path, output_dir, learning_rate, epochs,
     batch_size, grad_accum, weight_decay, warmup_ratio, max_length, zero_stage, bf16,
-    gradient_checkpointing, seed, trust_remote_code, name."""
+    gradient_checkpointing, seed, trust_remote_code, name; optional checkpoint_every_steps (default 0:
+    checkpoint at the end of each epoch but the last; k > 0: also every k optimizer steps; None: never)."""
     import deepspeed
     import ray.train
     import torch
@@ -103,37 +236,70 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         raise ValueError(f"{cfg['name']}: no trainable examples in {cfg['data_path']}")
     # Every rank must take the same number of steps: each epoch's permutation is padded by wrapping.
     per_rank = math.ceil(len(encoded) / world)
-    steps_per_epoch = math.ceil(per_rank / cfg["batch_size"])
-    total_steps = max(1, cfg["epochs"] * steps_per_epoch // cfg["grad_accum"])
+    steps_per_epoch = math.ceil(per_rank / cfg["batch_size"])  # micro-batches per epoch, on every rank
+    total_micro = cfg["epochs"] * steps_per_epoch
+    total_steps = max(1, total_micro // cfg["grad_accum"])
+    every = cfg.get("checkpoint_every_steps", 0)
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(cfg, total_steps))
     pad_id = tokenizer.pad_token_id
     probe = encoded[:LOSS_PROBE_EXAMPLES]
-    engine.eval()
-    loss_before = _mean_loss(engine, probe, pad_id, cfg["batch_size"], device)
+    fingerprint = _fingerprint(cfg, len(encoded), world)
+    state = _restore(engine, fingerprint, world, cfg["name"]) if every is not None else None
+    resumed_at = state["next"] if state else None
+    if state is None:
+        engine.eval()
+        state = {"fingerprint": fingerprint, "next": 0, "loss_before": _mean_loss(engine, probe, pad_id,
+                 cfg["batch_size"], device), "epoch_losses": [], "running": 0.0, "seen": 0}
+    else:
+        _set_rng(state["rng"])
+    hook_pending = resumed_at is None
     engine.train()
-    epoch_losses = []
     for epoch in range(cfg["epochs"]):
+        if state["next"] >= (epoch + 1) * steps_per_epoch:
+            continue  # finished before the checkpoint this run resumed from
         order = list(range(len(encoded)))
         random.Random(f"{cfg['seed']}:{epoch}").shuffle(order)
         order = (order * (world + 1))[: per_rank * world]
         mine = [encoded[i] for i in order[rank::world]]
-        running, seen = 0.0, 0
-        for batch in _batches(mine, cfg["batch_size"]):
+        for b, batch in enumerate(_batches(mine, cfg["batch_size"])):
+            i = epoch * steps_per_epoch + b  # this micro-batch's place in the whole run
+            if i < state["next"]:
+                continue
             inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
             loss = engine(**inputs).loss
             engine.backward(loss)
             engine.step()
-            running += float(loss.detach()) * len(batch)
-            seen += len(batch)
-        epoch_losses.append(running / max(seen, 1))
-        ray.train.report({"epoch": epoch + 1, "train_loss": epoch_losses[-1]})
+            state["running"] += float(loss.detach()) * len(batch)
+            state["seen"] += len(batch)
+            state["next"] = i + 1
+            epoch_end = b == steps_per_epoch - 1
+            metrics: dict[str, Any] = {"epoch": epoch + 1, "micro_batches": i + 1}
+            if epoch_end:
+                state["epoch_losses"].append(state["running"] / max(state["seen"], 1))
+                state["running"], state["seen"] = 0.0, 0
+                metrics["train_loss"] = state["epoch_losses"][-1]
+            # Only at an accumulation boundary (no half-accumulated gradient to lose), and not after the
+            # last micro-batch: the export that follows is the final checkpoint.
+            boundary = (i + 1) % cfg["grad_accum"] == 0 and i + 1 < total_micro
+            steps_done = (i + 1) // cfg["grad_accum"]
+            due = every is not None and boundary and (epoch_end or (every > 0 and steps_done % every == 0))
+            if due:
+                state["rng"] = _get_rng()
+                _save_state(engine, state, rank, metrics)
+                if hook_pending:
+                    _fault_hook(cfg, rank)
+                    hook_pending = False
+            elif epoch_end:
+                ray.train.report(metrics)
     engine.eval()
     loss_after = _mean_loss(engine, probe, pad_id, cfg["batch_size"], device)
     metrics = {"name": cfg["name"], "examples": len(encoded), "epochs": cfg["epochs"], "steps": total_steps,
-               "loss_before": loss_before, "loss_after": loss_after, "epoch_losses": epoch_losses,
+               "loss_before": state["loss_before"], "loss_after": loss_after, "epoch_losses": state["epoch_losses"],
                "world_size": world, "zero_stage": cfg["zero_stage"]}
+    if resumed_at is not None:
+        metrics["resumed_after_micro_batches"] = resumed_at
     _export(engine, model, tokenizer, cfg, metrics, rank)
     if dist.is_initialized():
         dist.barrier()
@@ -153,7 +319,9 @@ def _export(engine: Any, model: Any, tokenizer: Any, cfg: dict[str, Any], metric
     model_to_save = engine.module if hasattr(engine, "module") else model
     model_to_save.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
-    (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (tmp / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
+    fsync_tree(tmp)
+    write_manifest(tmp)  # last: lists every file with its size, so a later truncation is detected
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -1,0 +1,271 @@
+"""The paper's method, baselines and ablations (Tables 1-5), each a named recipe that ``jobs.iterate`` runs.
+
+``method=<name>`` in the config or on the command line picks one. Every method goes through the same
+agent actors, debate coordinator, Ray Train finetunes and run-directory layout; a method only says
+
+- how its society debates (agents, rounds, summarizer, prompt style, sampling temperature), for the
+  evaluation debates and for the finetune-split debate that produces training data ("collect");
+- which dataset rule turns the finetune-split debate records into finetuning sets;
+- which *train units* are finetuned (a unit = one dataset file -> one checkpoint) and which society
+  members use each checkpoint (every generator and critic share one model in the single-model methods);
+- whether the rule may read ground-truth labels (STaR only; ``build_sets`` cannot be given any).
+
+N = ``debate.agents``, M = ``debate.rounds`` as configured; ŷ = the final-round majority of a debate.
+
+| name | society (evaluation) | finetune-split data | trained |
+|---|---|---|---|
+| ``base`` | 1 agent, 1 round | – (iteration 0 only) | – |
+| ``majority`` | N agents, 1 round (vote over N independent samples) | – (iteration 0 only) | – |
+| ``debate`` | N x M debate, untrained | – (iteration 0 only) | – |
+| ``multiagent_ft`` (default) | N x M debate | D^G_n, D^C_n (w-mix) per agent (``finetune_sets``) | 2N models |
+| ``multiagent_ft_no_summary`` | N x M, other answers concatenated | as multiagent_ft | 2N models |
+| ``multiagent_ft_no_critic`` | N x M debate | D^G_n only | N generators; critics stay the base model |
+| ``cooperative_ft`` | N x M, critics asked to *combine* solutions | as multiagent_ft | 2N models |
+| ``unique_id_ft`` | N x M, agents addressed as GEN1.., CRIT1.. | as multiagent_ft | 2N models |
+| ``single_agent_ft`` | N x M debate | pooled: ∪_n D^G_n ∪ D^C_n | 1 model, every generator and critic |
+| ``single_agent_ft_unique_id`` | N x M, GEN1.., CRIT1.. | pooled (the IDs are in the prompts) | 1 model, every member |
+| ``single_agent_ft_high_temp`` | N x M at temperature + 0.5 | pooled | 1 model, every member |
+| ``single_agent_ft_no_debate`` | N x M debate | N samples (1 round), vote, keep ≡ vote | 1 model, every member |
+| ``majority_ft`` | N x M debate | N samples (1 round), vote, keep ≡ vote | 1 model, every member |
+| ``star`` | N x M debate | N samples (1 round): keep ≡ truth; wrong ones re-asked with the true answer as a hint, keep rationalizations ≡ truth | 1 model, every member |
+
+Choices where the paper is not explicit (what a researcher would expect, stated here):
+
+- Every finetuned method is evaluated by the same N x M debate as multiagent FT, its model(s) in every
+  generator and critic seat, so that rows differ only in training. The summarizer is always the base
+  model. Each evaluation's round-1 records still give that society's one-sample (``base_accuracy``)
+  and N-sample-vote (``majority_accuracy``) figures.
+- The single-model methods train one model with the ``finetune.generator`` hyperparameters; it
+  starts from the previous iteration's shared model (``finetune.init_from=previous``) or the base.
+- ``single_agent_ft_no_debate`` and ``majority_ft`` build the same set: the paper's Table 1 baseline and
+  its Table 3 ablation both finetune one model on its own majority-consistent samples with no debate,
+  and we know of no further difference to implement. Both names exist so either table can be rerun by
+  name. Their data debate runs 1 round (round-1 records are independent samples seeded exactly as in
+  an M-round debate, so they are the same samples at 1/M of the cost).
+- STaR (Zelikman et al. 2022) uses the same N round-1 samples per problem as Majority FT, so the two
+  differ only in the filter (truth vs vote) and in the rationalizations. A rationalization is asked
+  once per wrong sample, through the same agent actors (``actors.generate``), with the hinted prompt
+  of ``PromptSet.rationalize``; the kept example pairs the *un-hinted* round-1 prompt with the
+  rationalization. Iterations start from the previous STaR model (original STaR restarts from the
+  base each outer loop: ``finetune.init_from=base``).
+- ``multiagent_ft_no_critic``: the critics are never finetuned and keep the base weights; they still
+  take part in the debate, whose D^C sets are written for inspection but not trained on.
+- Unique IDs: the paper does not pin down which society gets them. ``unique_id_ft`` gives them to the
+  multiagent society (2N models, multiagent rule); ``single_agent_ft_unique_id`` to one model trained on
+  the pooled set, the reading "can IDs alone let one model play distinct agents". Both are offered.
+- ``single_agent_ft_high_temp`` raises ``sampling.temperature`` by 0.5 (1.0 -> 1.5 at the paper's
+  setting, top_p unchanged) in every debate of the run, data and evaluation alike.
+- ``base`` and ``majority`` read their figures from a 1-round debate of 1 and N agents; the same figures
+  of every other run are in its iteration-0 metrics (``base_accuracy``, ``majority_accuracy``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import pyarrow as pa
+import yaml
+
+from mft_ray.config import Config, ConfigError
+from mft_ray.finetune_sets import Example, build_agent_sets, majority_ft, pooled, star_examples
+from mft_ray.prompts import PromptSet
+from mft_ray.society import CRITIC, GENERATOR, Member
+
+RULES = ("none", "multiagent", "pooled", "majority", "star")
+SHARED_UNIT = "single_agent"  # dataset file stem and checkpoint folder of the single-model methods
+HIGH_TEMPERATURE_OFFSET = 0.5
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method as data. ``None`` debate settings keep the configured value."""
+
+    name: str
+    title: str  # for tables: "Multiagent FT", "STaR", ...
+    rule: str  # dataset rule, one of RULES ("none": evaluation only, iteration 0)
+    trained_roles: tuple[str, ...] = (GENERATOR, CRITIC)  # multiagent rules: roles that are finetuned
+    shared_model: bool = False  # one model trained and used as every generator and critic
+    uses_labels: bool = False  # may read ground-truth answers of the finetune split (STaR only)
+    agents: int | None = None
+    rounds: int | None = None
+    summarize: bool | None = None
+    collect_rounds: int | None = None  # rounds of the finetune-split (data) debate; None = as evaluation
+    prompt_style: str = "debate"
+    temperature_offset: float = 0.0
+
+    @property
+    def evaluation_only(self) -> bool:
+        return self.rule == "none"
+
+
+@dataclass(frozen=True)
+class TrainUnit:
+    """One finetune: ``<name>.jsonl`` -> checkpoint ``iter_<l>/<name>/``, used by ``members``."""
+
+    name: str
+    role: str  # whose hyperparameters: finetune.generator or finetune.critic
+    index: int  # mixed into the finetune's seed (the agent index, as before methods existed)
+    members: tuple[Member, ...]
+
+
+def _methods(*methods: Method) -> dict[str, Method]:
+    return {m.name: m for m in methods}
+
+
+METHODS: dict[str, Method] = _methods(
+    Method("base", "Base", "none", agents=1, rounds=1, summarize=False),
+    Method("majority", "Majority", "none", rounds=1, summarize=False),
+    Method("debate", "Debate", "none"),
+    Method("multiagent_ft", "Multiagent FT", "multiagent"),
+    Method("multiagent_ft_no_summary", "Multiagent FT w/o summary", "multiagent", summarize=False),
+    Method("multiagent_ft_no_critic", "Multiagent FT w/o critic", "multiagent", trained_roles=(GENERATOR,)),
+    Method("cooperative_ft", "Cooperative FT", "multiagent", prompt_style="cooperative"),
+    Method("unique_id_ft", "Multiagent FT with unique IDs", "multiagent", prompt_style="unique_id"),
+    Method("single_agent_ft", "Single-agent FT", "pooled", shared_model=True),
+    Method("single_agent_ft_unique_id", "Single-agent FT with unique IDs", "pooled", shared_model=True,
+           prompt_style="unique_id"),
+    Method("single_agent_ft_high_temp", "Single-agent FT (higher temperature)", "pooled", shared_model=True,
+           temperature_offset=HIGH_TEMPERATURE_OFFSET),
+    Method("single_agent_ft_no_debate", "Single-agent FT w/o debate", "majority", shared_model=True,
+           collect_rounds=1),
+    Method("majority_ft", "Majority FT", "majority", shared_model=True, collect_rounds=1),
+    Method("star", "STaR", "star", shared_model=True, uses_labels=True, collect_rounds=1),
+)
+METHOD_NAMES = tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; ConfigError naming it and the valid names otherwise."""
+    if name not in METHODS:
+        raise ConfigError(f"method must be one of {list(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def method_config(config: Config, stage: str = "evaluate") -> Config:
+    """The config a debate of ``stage`` ("evaluate" or "collect", the finetune-split data debate) runs
+    with under ``config.method``: its agents, rounds, summarizer and temperature applied, and
+    ``finetune.iterations = 0`` for evaluation-only methods.
+
+    Apply it to the config as given, once: the temperature offset is relative.
+    """
+    if stage not in ("evaluate", "collect"):
+        raise ValueError(f"stage must be 'evaluate' or 'collect', got {stage!r}")
+    method = get_method(config.method)
+    debate = config.debate
+    rounds = method.rounds or debate.rounds
+    summarize = debate.summarize if method.summarize is None else method.summarize
+    if stage == "collect" and method.collect_rounds is not None:
+        # No later round reads a summary: without this the society would load a summarizer for nothing.
+        rounds, summarize = method.collect_rounds, summarize and method.collect_rounds > 1
+    finetune = config.finetune
+    if method.evaluation_only:
+        finetune = dataclasses.replace(finetune, iterations=0)
+    return dataclasses.replace(
+        config,
+        debate=dataclasses.replace(debate, agents=method.agents or debate.agents, rounds=rounds,
+                                   summarize=summarize),
+        sampling=dataclasses.replace(config.sampling,
+                                     temperature=config.sampling.temperature + method.temperature_offset),
+        finetune=finetune)
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """What ``config.method`` runs, for metrics.json: name, title, rule and both debates' settings."""
+    method = get_method(config.method)
+    out: dict[str, Any] = {"name": method.name, "title": method.title, "rule": method.rule,
+                           "shared_model": method.shared_model, "uses_labels": method.uses_labels,
+                           "prompt_style": method.prompt_style}
+    for stage in ("evaluate", "collect"):
+        c = method_config(config, stage)
+        out[stage] = {"agents": c.debate.agents, "rounds": c.debate.rounds, "summarize": c.debate.summarize,
+                      "temperature": c.sampling.temperature}
+    out["units"] = [u.name for u in train_units(method, config.debate.agents)]
+    return out
+
+
+def prompt_set(config: Config) -> PromptSet:
+    """The task's answer instruction in the prompt style of ``config.method``."""
+    from mft_ray.tasks import make_task
+
+    return PromptSet(make_task(config.task).answer_instruction, get_method(config.method).prompt_style)
+
+
+def train_units(method: Method, agents: int) -> list[TrainUnit]:
+    """The finetunes of one iteration of ``method`` with ``agents`` agents (none if evaluation-only)."""
+    if method.evaluation_only:
+        return []
+    if method.shared_model:
+        everyone = tuple(Member(role, n) for role in (GENERATOR, CRITIC) for n in range(agents))
+        return [TrainUnit(SHARED_UNIT, GENERATOR, 0, everyone)]
+    return [TrainUnit(str(Member(role, n)), role, n, (Member(role, n),))
+            for role in (GENERATOR, CRITIC) if role in method.trained_roles for n in range(agents)]
+
+
+def society_after(method: Method, agents: int, trained: Mapping[str, str],
+                  previous: Mapping[Member, str]) -> dict[str, str]:
+    """Member name -> weights of the new society: each unit's members take its checkpoint
+    (``trained[unit.name]``), every other generator and critic keeps its ``previous`` weights."""
+    society = {str(m): previous[m] for role in (GENERATOR, CRITIC) for m in (Member(role, n) for n in range(agents))}
+    for unit in train_units(method, agents):
+        for member in unit.members:
+            society[str(member)] = trained[unit.name]
+    return society
+
+
+def build_sets(method: Method, records: pa.Table, equivalent: Callable[[str, str], bool], *, agents: int,
+               rounds: int, w: float, mix_seed: int, vote_seed: int) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+    """Every label-free rule: ({file stem: examples}, counts) from one finetune-split debate.
+
+    Takes no labels by construction; STaR (the one rule that needs them) goes through
+    ``build_star_sets``. ``counts["trained"]`` gives the size of each train unit's set.
+    """
+    if method.uses_labels or method.rule == "star":
+        raise ValueError(f"method {method.name!r} reads ground-truth labels: use build_star_sets")
+    if method.evaluation_only:
+        raise ValueError(f"method {method.name!r} trains nothing")
+    files: dict[str, list[Example]] = {}
+    counts: dict[str, Any] = {}
+    if method.rule in ("multiagent", "pooled"):
+        sets = build_agent_sets(records, equivalent, agents, rounds, w, seed=mix_seed)
+        for n, agent_sets in enumerate(sets):
+            counts[f"agent_{n}"] = agent_sets.counts()
+        if method.rule == "multiagent":
+            for n, agent_sets in enumerate(sets):
+                files[f"{GENERATOR}_{n}"] = agent_sets.generator
+                files[f"{CRITIC}_{n}"] = agent_sets.critic
+            # For comparison only (not trained): what the single-model baselines would learn from here.
+            files[SHARED_UNIT] = pooled(sets)
+            files["majority_ft"] = majority_ft(records, equivalent, vote_seed)
+        else:
+            files[SHARED_UNIT] = pooled(sets)
+    elif method.rule == "majority":
+        files[SHARED_UNIT] = majority_ft(records, equivalent, vote_seed)
+    else:
+        raise ValueError(f"unknown dataset rule {method.rule!r}")
+    counts["trained"] = {u.name: len(files[u.name]) for u in train_units(method, agents)}
+    return files, counts
+
+
+def build_star_sets(records: pa.Table, labels: Mapping[str, str], rationalizations: Sequence[dict[str, Any]],
+                    is_correct: Callable[[str | None, str], bool],
+                    extract_answer: Callable[[str], str | None]) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+    """STaR's set (``finetune_sets.star_examples``) as ({file stem: examples}, counts)."""
+    examples, star_counts = star_examples(records, labels, rationalizations, is_correct, extract_answer)
+    return {SHARED_UNIT: examples}, {"star": star_counts, "trained": {SHARED_UNIT: len(examples)}}
+
+
+def check_run_method(run_root: str | Path, method: str) -> None:
+    """Refuse a run directory made for another method: its finished stages would be reused as this one's."""
+    saved = Path(run_root) / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        previous = (yaml.safe_load(saved.read_text()) or {}).get("method", "multiagent_ft")
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{saved}: unreadable saved config ({exc}); fix or remove it") from exc
+    if previous != method:
+        raise ConfigError(f"run_dir {str(Path(run_root))!r} holds a run of method {previous!r}, not {method!r}; "
+                          "use another run_dir")

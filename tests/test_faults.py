@@ -1,0 +1,381 @@
+"""Faults (issue 7): files broken by an earlier crash are detected and redone, an agent actor killed
+mid-debate and a Ray Train worker killed mid-finetune are survived (or fail clearly, per setting).
+
+The first part needs no Ray: each kind of run-directory file is truncated and shown to be detected
+and its stage redone. The second part kills real processes of a real local Ray. Driver kills of
+``jobs.iterate`` at several points are in tests/test_iterate.py (they reuse its uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mft_ray.checkpoints import MANIFEST_NAME, checkpoint_problem, write_manifest
+from mft_ray.config import load_config
+from mft_ray.records import read_records, read_sealed_json, shard_path, write_json_atomic, write_shard
+from mft_ray.rundir import RunDir
+from mft_ray.tasks import make_splits, make_task
+from tests.test_finetune_sets import TWO_ROUNDS, records_for
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finetuning sets and their marker (counts.json)
+
+
+@pytest.fixture
+def built(tmp_path):
+    """A run directory whose iteration-1 sets are built from a hand-written finetune debate."""
+    from jobs.iterate import build_datasets
+
+    config = load_config(None, [f"run_dir={tmp_path / 'run'}", "debate.agents=3", "debate.rounds=2"])
+    run = RunDir(config.run_dir)
+    rows = records_for(TWO_ROUNDS).to_pylist()
+    write_shard(run.debate_dir(0, "finetune"), 0, rows, list(TWO_ROUNDS))
+    task = make_task(config.task)
+    counts = build_datasets(config, run, task, 1)
+    out = run.datasets_dir(1)
+    files = {p.name: p.read_bytes() for p in out.glob("*.jsonl")}
+    assert files and any(files.values())
+
+    def rebuild():
+        return build_datasets(config, run, task, 1)
+
+    return out, counts, files, rebuild
+
+
+def test_counts_json_seals_every_set_and_reads_back_without_the_seal(built):
+    out, counts, files, rebuild = built
+    on_disk = json.loads((out / "counts.json").read_text())
+    assert set(on_disk["_files"]) == set(files)  # every JSONL set, by size and SHA-256
+    assert "_files" not in counts
+    stamp = (out / "counts.json").stat().st_mtime_ns
+    assert rebuild() == counts  # complete: not rebuilt
+    assert (out / "counts.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "delete_seal"])
+def test_broken_counts_json_is_detected_and_the_sets_rebuilt(built, damage, caplog):
+    out, counts, files, rebuild = built
+    marker = out / "counts.json"
+    if damage == "truncate":
+        _truncate(marker)
+    elif damage == "empty":
+        marker.write_text("")
+    else:  # a marker of an older version (or hand-written): no checksums, nothing to check the sets by
+        write_json_atomic(counts, marker)
+    with caplog.at_level(logging.WARNING, logger="mft_ray.records"):
+        assert read_sealed_json(marker) is None
+    assert str(marker) in caplog.text and not marker.exists()
+    for f in files:
+        (out / f).write_text("stale")  # a rebuild must rewrite every set
+    assert rebuild() == counts
+    assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == files
+    assert read_sealed_json(marker) == counts
+
+
+@pytest.mark.parametrize("damage", ["truncate_at_a_line", "truncate_mid_line", "delete", "edit"])
+def test_truncated_or_changed_set_is_detected_and_rebuilt(built, damage, caplog):
+    out, counts, files, rebuild = built
+    name = max(files, key=lambda f: files[f].count(b"\n"))  # the set with the most examples
+    path = out / name
+    lines = files[name].splitlines(keepends=True)
+    assert len(lines) >= 2
+    if damage == "truncate_at_a_line":  # still valid JSONL: only the seal can tell
+        path.write_bytes(b"".join(lines[:-1]))
+    elif damage == "truncate_mid_line":
+        path.write_bytes(files[name][: len(files[name]) - 5])
+    elif damage == "delete":
+        path.unlink()
+    else:  # same size, one byte changed
+        data = bytearray(files[name])
+        data[10] = ord("X") if data[10] != ord("X") else ord("Y")
+        path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="mft_ray.records"):
+        assert rebuild() == counts
+    assert name in caplog.text and ("truncated or changed" in caplog.text or "missing" in caplog.text)
+    assert path.read_bytes() == files[name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints, society.json, finetunes.json
+
+
+def _fake_export(model: str, out: Path) -> Path:
+    """A finetune export as training.loop writes it: HF files, train_metrics.json, then the manifest."""
+    import shutil
+
+    shutil.copytree(model, out)
+    (out / "train_metrics.json").write_text(json.dumps({"examples": 3, "loss_before": 2.0, "loss_after": 1.0}))
+    write_manifest(out)
+    assert checkpoint_problem(out) is None
+    return out
+
+
+@pytest.fixture
+def export(tiny_model, tmp_path):
+    return _fake_export(tiny_model, tmp_path / "run" / "iter_1" / "generator_0")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "train_metrics.json", "tokenizer_config.json",
+                                  MANIFEST_NAME])
+def test_truncated_checkpoint_file_is_detected(export, name):
+    _truncate(export / name)
+    why = checkpoint_problem(export)
+    assert why is not None and (name in why or MANIFEST_NAME in why), why
+
+
+def test_checkpoint_without_manifest_is_still_checked_by_its_weights_header(export):
+    (export / MANIFEST_NAME).unlink()  # an export of an older version
+    assert checkpoint_problem(export) is None
+    _truncate(export / "model.safetensors", 0.9)
+    assert "truncated" in checkpoint_problem(export)
+    (export / "model.safetensors").unlink()
+    assert "no weights" in checkpoint_problem(export)
+
+
+def test_society_json_is_trusted_only_whole_and_with_whole_checkpoints(export, tiny_model, caplog):
+    run = RunDir(export.parents[1])
+    society = {"generator_0": str(export), "critic_0": tiny_model}  # a kept base model is not ours to check
+    write_json_atomic(society, run.society_path(1))
+    assert run.read_society(1) == society
+    _truncate(export / "model.safetensors", 0.99)
+    with caplog.at_level(logging.WARNING):
+        assert run.read_society(1) is None  # the finetune stage is redone rather than loading broken weights
+    assert "generator_0" in caplog.text and "truncated" in caplog.text
+    for broken in ('{"generator_0": "/x", "crit', "", "[1, 2]"):
+        run.society_path(1).write_text(broken)
+        assert run.read_society(1) is None
+        assert not run.society_path(1).exists()  # removed: nothing that looks complete is left
+
+
+def test_truncated_finetunes_json_redoes_the_stage_and_skips_whole_checkpoints(tiny_model, tmp_path, monkeypatch):
+    import actors.finetune
+    from jobs.iterate import finetune_society
+
+    config = load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model}", "debate.agents=1"])
+    run = RunDir(config.run_dir)
+    data = run.datasets_dir(1)
+    data.mkdir(parents=True)
+    for name in ("generator_0", "critic_0"):
+        (data / f"{name}.jsonl").write_text('{"messages": []}\n')
+    calls = []
+
+    def fake_finetunes(jobs, *args, **kwargs):
+        calls.append([(j.name, j.iteration) for j in jobs])
+        return {j.name: {"examples": 1, "loss_before": 1.0, "loss_after": 0.5} for j in jobs}
+
+    monkeypatch.setattr(actors.finetune, "run_finetunes", fake_finetunes)
+    first = finetune_society(config, run, 1)
+    assert calls == [[("generator_0", 1), ("critic_0", 1)]]
+    society = json.loads(run.society_path(1).read_text())
+    for name in society:  # as if the finetunes had exported whole checkpoints
+        _fake_export(tiny_model, Path(society[name]))
+    assert finetune_society(config, run, 1) == first and len(calls) == 1  # complete: skipped
+    _truncate(run.iteration_dir(1) / "finetunes.json")
+    assert finetune_society(config, run, 1) == first and len(calls) == 2  # unreadable: redone
+    assert json.loads((run.iteration_dir(1) / "finetunes.json").read_text()) == first
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray Train storage: its run snapshot and our training-state checkpoints
+
+
+def test_broken_ray_train_snapshot_is_discarded(tmp_path):
+    from actors.finetune import _usable_storage
+
+    exp = tmp_path / "generator_0"
+    assert _usable_storage(exp)  # nothing there yet
+    exp.mkdir()
+    snap = exp / "checkpoint_manager_snapshot.json"
+    snap.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_0001"}]}))
+    assert not _usable_storage(exp)  # names a checkpoint that is gone
+    (exp / "checkpoint_0001").mkdir()
+    assert _usable_storage(exp)
+    _truncate(snap)
+    assert not _usable_storage(exp)
+
+
+def test_training_state_checkpoint_is_resumed_only_whole_and_for_the_same_job(tmp_path):
+    from mft_ray.training.loop import _state_problem
+
+    root = tmp_path / "checkpoint_000001"
+    (root / "state").mkdir(parents=True)
+    (root / "state" / "optim.pt").write_bytes(b"x" * 100)
+    (root / "trainer_state_rank0.json").write_text(json.dumps({"fingerprint": "abc", "next": 4}))
+    files = {"state/optim.pt": 100, "trainer_state_rank0.json": (root / "trainer_state_rank0.json").stat().st_size}
+    (root / "files_rank0.json").write_text(json.dumps(files))
+    assert _state_problem(root, "abc", world=1) is None
+    assert "another job" in _state_problem(root, "other", world=1)
+    assert "rank1" in _state_problem(root, "abc", world=2)  # a rank's files never arrived
+    _truncate(root / "state" / "optim.pt")
+    assert "truncated" in _state_problem(root, "abc", world=1)
+    _truncate(root / "trainer_state_rank0.json")
+    assert "trainer_state_rank0" in _state_problem(root, "abc", world=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# An agent actor killed in the middle of a debate (real Ray, real tiny model)
+
+
+def _debate_config(run_dir: Path, model: str):
+    return load_config(None, [
+        f"run_dir={run_dir}", f"model.path={model}", "task.name=arithmetic", "task.finetune_size=16",
+        "task.eval_size=4", "sampling.max_new_tokens=24", "debate.shard_size=4", "debate.shards_in_flight=2",
+        "resources.num_cpus_per_agent=0.25", "resources.share_engine=true"])
+
+
+def _keys(table) -> Counter:
+    return Counter((r["problem_id"], r["agent"], r["role"], r["round"]) for r in table.to_pylist())
+
+
+@pytest.mark.integration
+def test_agent_actor_killed_mid_debate_is_restarted_and_the_debate_completes(ray_cluster, lively_model, tmp_path):
+    """SIGKILL the engine actor while shards are in flight: Ray restarts it (weights reloaded), its
+    unfinished calls are resubmitted with the same seeds, and every record exists exactly once, equal
+    to an uninterrupted debate's."""
+    import ray
+
+    from actors.coordinator import DebateCoordinator
+    from actors.launch import debate_split
+    from actors.society import SocietyActors
+
+    config = _debate_config(tmp_path / "run", lively_model)
+    problems = make_splits(make_task(config.task), config.task).finetune
+    out = tmp_path / "killed"
+    society = SocietyActors(config, name="faults")
+    try:
+        (actor,) = society.actors  # one shared engine serves every member
+        pid = ray.get(actor.info.remote())["pid"]
+        coordinator = DebateCoordinator.remote(config.to_dict(), society.routes)
+        done = coordinator.run.remote(0, "finetune", [(p.id, p.question) for p in problems], str(out))
+        deadline = time.time() + 120
+        while not shard_path(out, 0).exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert shard_path(out, 0).exists(), "the debate never wrote its first shard"
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.time()
+        stats = ray.get(done, timeout=300)
+        assert ray.get(actor.info.remote())["pid"] != pid  # the same handle now reaches a restarted process
+        ray.kill(coordinator)
+    finally:
+        society.shutdown()
+    assert stats["shards"] == 4 and stats["skipped_shards"] == 0
+    later = [k for k in range(4) if shard_path(out, k).stat().st_mtime > killed_at]
+    assert later, "every shard was written before the kill: the fault hit nothing in flight"
+    killed = read_records(out)
+    keys = _keys(killed)
+    assert set(keys.values()) == {1}  # nothing duplicated
+    expected = {(p.id, n, role, m) for p in problems for n in range(3)
+                for role, m in (("generator", 1), ("summarizer", 2), ("critic", 2))}
+    assert set(keys) == expected  # nothing lost
+    # Retried calls carry the seeds of the lost ones: the records equal an uninterrupted debate's.
+    debate_split(config, 0, "finetune", problems, tmp_path / "clean")
+    clean = read_records(tmp_path / "clean")
+    assert killed.select(["problem_id", "agent", "role", "round", "response", "answer", "majority"]).to_pylist() == \
+        clean.select(["problem_id", "agent", "role", "round", "response", "answer", "majority"]).to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A Ray Train worker killed in the middle of a finetune
+
+
+def _finetune_job(tmp_path: Path, model: str, tag: str, hook: Path | None):
+    from actors.finetune import FinetuneJob
+
+    data = tmp_path / "data.jsonl"
+    if not data.exists():
+        rows = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                              {"role": "assistant", "content": f"{a} + {b} = \\boxed{{{a + b}}}"}]}
+                for a in range(6) for b in range(4)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hyper = dict(learning_rate=1e-3, epochs=3, batch_size=4, grad_accum=1, weight_decay=0.0, warmup_ratio=0.0,
+                 max_length=256, zero_stage=2, bf16=False, gradient_checkpointing=False, seed=7,
+                 trust_remote_code=False, checkpoint_every_steps=0)
+    if hook is not None:
+        hyper["_fault_hook"] = str(hook)  # test-only: the loop parks after its first checkpoint
+    out = tmp_path / tag / "iter_1" / "generator_0"
+    return FinetuneJob("generator_0", model, str(data), str(out), hyper, iteration=1)
+
+
+def _kill_worker_after_first_checkpoint(job, max_failures: int, hook: Path):
+    """Start ``job``; once its worker has reported a checkpoint and parked, SIGKILL it; return the ref."""
+    from actors.finetune import _fit
+
+    hook.mkdir(exist_ok=True)
+    (hook / "generator_0.hold").touch()
+    (hook / "generator_0.pid").unlink(missing_ok=True)
+    storage = str(Path(job.output_dir).parent / "ray_train")
+    ref = _fit.remote(job, 1, 0.5, 0.0, max_failures, storage)
+    pid_file = hook / "generator_0.pid"
+    deadline = time.time() + 240
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert pid_file.exists(), "the training worker never reached its first checkpoint"
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers: kill only
+    # once its run snapshot lists one (a checkpoint reported but not yet registered is lost with the worker).
+    experiment = Path(storage) / "generator_0"
+    while not _registered(experiment) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _registered(experiment), "Ray Train never registered the worker's checkpoint"
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    (hook / "generator_0.hold").unlink()
+    return ref, experiment
+
+
+def _registered(experiment: Path) -> bool:
+    try:
+        snapshot = json.loads((experiment / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(snapshot.get("checkpoint_results"))
+
+
+@pytest.mark.integration
+def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, tiny_model, tmp_path):
+    import ray
+
+    from actors.finetune import FinetuneError
+    from jobs.common import unwrap_ray_error
+    from tests.test_iterate import _differs, _params
+
+    hook = tmp_path / "hook"
+    # max_failures=0: the finetune fails, naming the agent and iteration; nothing looks finished.
+    job = _finetune_job(tmp_path, tiny_model, "fail", hook)
+    ref, experiment = _kill_worker_after_first_checkpoint(job, 0, hook)
+    with pytest.raises(FinetuneError) as failed:
+        ray.get(ref, timeout=300)
+    message = str(unwrap_ray_error(failed.value))  # what `python -m jobs.iterate` prints (exit code 5)
+    assert re.fullmatch(r"finetune generator_0 of iteration 1 failed \(finetune\.max_failures=0 restarts allowed\): "
+                        r"\w+: [^\n]*died\.[^\n]*", message), message
+    assert len(message) < 500
+    out = Path(job.output_dir)
+    assert not out.exists() and not out.with_name(".generator_0.partial").exists()
+    assert list(experiment.glob("checkpoint_*")), "its last checkpoint is kept for a rerun to resume from"
+
+    # max_failures=1: Ray Train restarts the worker group, which resumes from the checkpoint.
+    job = _finetune_job(tmp_path, tiny_model, "recover", hook)
+    ref, experiment = _kill_worker_after_first_checkpoint(job, 1, hook)
+    metrics = ray.get(ref, timeout=300)
+    steps_per_epoch = 6  # 24 examples, batch 4
+    assert metrics["resumed_after_micro_batches"] == steps_per_epoch  # the end of epoch 1
+    assert len(metrics["epoch_losses"]) == 3
+    assert checkpoint_problem(job.output_dir) is None
+    assert _differs(_params(job.output_dir), _params(tiny_model))  # it trained
+    assert not experiment.exists()  # training state removed once the export is whole
+    # That a resumed finetune ends with the weights of an uninterrupted one is checked where an
+    # uninterrupted run exists anyway: tests/test_iterate.py (driver killed after a Ray Train checkpoint)
+    # and benchmarks/faults.py (this same worker kill, against a clean finetune).
