@@ -136,10 +136,10 @@ def check_finetunes_fit(workers: int, cpus_per_worker: float, gpus_per_worker: f
     Ray Train queues a worker group that does not fit and waits, without a time limit, for resources
     that may never come; finetunes that merely have to take turns are fine.
     """
-    from actors.placement import PlacementError, alive_node_resources, unmet
+    from actors.placement import PlacementError, alive_node_resources, physical, unmet
 
     bundle = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
-    why = unmet([bundle] * workers, ray.cluster_resources(), alive_node_resources())
+    why = unmet([bundle] * workers, physical(ray.cluster_resources()), alive_node_resources())
     if why:
         raise PlacementError(f"a finetune {why}. Lower finetune.num_workers, finetune.cpus_per_worker or "
                              "finetune.gpus_per_worker, or add nodes.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 
 import ray
@@ -48,9 +49,19 @@ def unmet(bundles: list[dict[str, float]], total: dict[str, float],
     return None
 
 
+# Ray names the resources of a placed group "<resource>_group_[<bundle>_]<group id>": they are the
+# same CPUs and GPUs again, so an error that says what the cluster has must leave them out.
+_GROUP_RESOURCE = re.compile(r"_group_(\d+_)?[0-9a-f]{16,}$")
+
+
+def physical(resources: dict[str, float]) -> dict[str, float]:
+    """``resources`` without the per-placement-group copies Ray adds while groups exist."""
+    return {k: v for k, v in resources.items() if not _GROUP_RESOURCE.search(k)}
+
+
 def alive_node_resources() -> list[dict[str, float]]:
-    """Total resources of each alive node of the connected cluster."""
-    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    """Total resources of each alive node of the connected cluster (placement-group copies left out)."""
+    return [physical(dict(n.get("Resources", {}))) for n in ray.nodes() if n.get("Alive")]
 
 
 def place(bundles: list[dict[str, float]], strategy: str = "PACK", timeout_s: float = 60.0,
@@ -62,7 +73,7 @@ def place(bundles: list[dict[str, float]], strategy: str = "PACK", timeout_s: fl
     need: Counter = Counter()
     for b in bundles:
         need.update(b)
-    have = ray.cluster_resources()
+    have = physical(ray.cluster_resources())
     why = unmet(bundles, have, alive_node_resources())
     if why:
         raise PlacementError(
