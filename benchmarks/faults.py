@@ -215,6 +215,7 @@ def _run_records(run: Path, model: str) -> tuple[int, int]:
 
 
 def driver_kills(work: Path, model: str, reference: Path) -> dict[str, Any]:
+    from tests.conftest import kill_session
     from tests.test_iterate import EXTRA_KILL_POINT, KILL_POINTS, _assert_nothing_half_written
 
     run = work / "killed"
@@ -230,7 +231,7 @@ def driver_kills(work: Path, model: str, reference: Path) -> dict[str, Any]:
             time.sleep(delay)
             hit = proc.poll() is None and ready(run)
             ended = proc.poll()
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)
             proc.wait()
         if not hit:
             logger.warning("driver_kill: launch %d ended (exit code %s) before %s; its log: %s", k, ended, what,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _live_members(session: int) -> list[int]:
+    """Processes of ``session`` that are still running (zombies excluded: they are dead already)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry)) != session:
+                continue
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            pids.append(int(entry))
+    return pids
+
+
+def kill_session(session: int, timeout: float = 60.0) -> None:
+    """SIGKILL every process of a session started with ``start_new_session=True`` and wait until all are gone.
+
+    A job driver's local Ray puts its workers (Ray Train workers included) in their own process groups, so
+    ``os.killpg`` on the driver's group leaves them running for seconds, long enough to finish and export a
+    finetune the test then counts as interrupted. Killing the whole session is the machine-crash case."""
+    deadline = time.time() + timeout
+    while True:
+        live = _live_members(session)
+        if not live:
+            return
+        if time.time() > deadline:
+            raise TimeoutError(f"processes of session {session} still alive after {timeout:.0f} s: {live}")
+        for pid in live:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mft_ray.config import load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_session
 
 pytestmark = pytest.mark.integration
 
@@ -177,9 +176,8 @@ def test_driver_killed_at_several_points_resumes_to_the_same_result(full_run, te
         assert ready(resumed), f"the job never reached the kill point: {what} (exit code {proc.poll()})"
         time.sleep(delay)
         assert proc.poll() is None, f"the job ended before the kill point: {what}"
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)  # the driver, its local Ray and every worker, before looking at what is left
         proc.wait()
-        time.sleep(1.0)  # let orphaned Ray Train workers die before looking at what is left
         resumable |= _resumable_finetunes(resumed / "iter_1")
         summary = resumed / "metrics.json"
         assert not summary.exists() or len(json.loads(summary.read_text())["iterations"]) < 3, what
