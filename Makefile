@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/python -m jobs.iterate --config jobs/configs/demo_cpu.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/debate_throughput.py

@@ -216,12 +216,12 @@ def _run_records(run: Path, model: str) -> tuple[int, int]:
 
 def driver_kills(work: Path, model: str, reference: Path) -> dict[str, Any]:
     from tests.conftest import kill_session
-    from tests.test_iterate import EXTRA_KILL_POINT, KILL_POINTS, _assert_nothing_half_written
+    from tests.test_iterate import ALL_KILL_POINTS, _assert_nothing_half_written
 
     run = work / "killed"
     cmd = _iterate_cmd(run, model)
     points = []
-    for k, (what, ready, delay) in enumerate([*KILL_POINTS, EXTRA_KILL_POINT]):
+    for k, (what, ready, delay) in enumerate(ALL_KILL_POINTS):
         log = work / f"driver_kill_{k}.log"
         with open(log, "w") as err:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=err, stderr=err, start_new_session=True)

@@ -123,17 +123,22 @@ def _shard_written(directory: Path, index: int = 0) -> bool:
 KILL_POINTS = [
     ("iteration-0 finetune-split debate, between shards",
      lambda r: _shard_written(r / "iter_0" / "debate_finetune"), 0.0),
-    ("just after the iteration-1 datasets, as the finetunes start",
-     lambda r: (r / "iter_1" / "datasets" / "counts.json").exists(), 0.0),
     ("iteration-1 finetunes, after a Ray Train checkpoint",
      lambda r: _registered_train_checkpoint(r / "iter_1"), 0.0),
     ("iteration-1 evaluation debate",
      lambda r: (r / "iter_1" / "society.json").exists(), 2.0),
 ]
-# One more, left to benchmarks/faults.py to keep this test's restarts few: a half-done debate of a
-# finetuned society (separate engines loaded from checkpoints).
-EXTRA_KILL_POINT = ("iteration-2 finetune-split debate by the finetuned society, between shards",
-                    lambda r: _shard_written(r / "iter_1" / "debate_finetune"), 0.0)
+# Two more, left to benchmarks/faults.py to keep this test's restarts few (each costs a Ray start and
+# more): just as the finetunes start (the sealed datasets are also tested in test_faults.py), and a
+# half-done debate of a finetuned society (separate engines loaded from checkpoints). ALL_KILL_POINTS is
+# all of them in the order of the run's stages (each predicate is awaited on the resumed run).
+EXTRA_KILL_POINTS = [
+    ("just after the iteration-1 datasets, as the finetunes start",
+     lambda r: (r / "iter_1" / "datasets" / "counts.json").exists(), 0.0),
+    ("iteration-2 finetune-split debate by the finetuned society, between shards",
+     lambda r: _shard_written(r / "iter_1" / "debate_finetune"), 0.0),
+]
+ALL_KILL_POINTS = [KILL_POINTS[0], EXTRA_KILL_POINTS[0], *KILL_POINTS[1:], EXTRA_KILL_POINTS[1]]
 
 
 def _assert_nothing_half_written(run: Path) -> None:
@@ -158,7 +163,7 @@ def _assert_nothing_half_written(run: Path) -> None:
 
 def test_driver_killed_at_several_points_resumes_to_the_same_result(full_run, testbed_mini, tmp_path):
     """SIGKILL the job driver (and its local Ray) at several points of one run (a debate between shards,
-    just after the datasets, a finetune after its first Ray Train checkpoint, the evaluation debate),
+    a finetune after its first Ray Train checkpoint, the evaluation debate),
     rerunning the same command after each: the final run ends with the same metrics and weights as an
     uninterrupted one."""
     run_dir, first = full_run
