@@ -88,31 +88,23 @@ def test_rerun_skips_every_finished_stage(full_run, testbed_mini):
             assert p.stat().st_mtime_ns == t, f"{p} was rewritten on resume"
 
 
-def _registered_train_checkpoint(iteration_dir: Path) -> bool:
-    """True once Ray Train has registered a training-state checkpoint of some finetune of this iteration."""
-    for snap in iteration_dir.glob("ray_train/*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snap.read_text()).get("checkpoint_results"):
-                return True
-        except (OSError, ValueError):
-            pass
-    return False
-
-
-def _resumable_finetunes(iteration_dir: Path) -> set[str]:
-    """Finetunes a rerun must resume: Ray Train registered a checkpoint and the export is not there yet.
-
-    Under load a finetune can still finish in the moment between its checkpoint and the kill (its
-    workers outlive the driver briefly): that one has nothing left to resume."""
+def _registered_checkpoints(iteration_dir: Path) -> set[str]:
+    """The finetunes of this iteration for which Ray Train has registered a training-state checkpoint."""
     names = set()
     for snap in iteration_dir.glob("ray_train/*/checkpoint_manager_snapshot.json"):
         try:
-            registered = json.loads(snap.read_text()).get("checkpoint_results")
+            if json.loads(snap.read_text()).get("checkpoint_results"):
+                names.add(snap.parent.name)
         except (OSError, ValueError):
-            continue
-        if registered and not (iteration_dir / snap.parent.name / "config.json").exists():
-            names.add(snap.parent.name)
+            pass
     return names
+
+
+def _resumable_finetunes(iteration_dir: Path) -> set[str]:
+    """Finetunes a rerun must resume: a registered checkpoint and no export yet (a finetune can also
+    finish between its checkpoint and the kill, and then has nothing left to resume)."""
+    return {name for name in _registered_checkpoints(iteration_dir)
+            if not (iteration_dir / name / "config.json").exists()}
 
 
 def _shard_written(directory: Path, index: int = 0) -> bool:
@@ -124,7 +116,7 @@ KILL_POINTS = [
     ("iteration-0 finetune-split debate, between shards",
      lambda r: _shard_written(r / "iter_0" / "debate_finetune"), 0.0),
     ("iteration-1 finetunes, after a Ray Train checkpoint",
-     lambda r: _registered_train_checkpoint(r / "iter_1"), 0.0),
+     lambda r: bool(_registered_checkpoints(r / "iter_1")), 0.0),
     ("iteration-1 evaluation debate",
      lambda r: (r / "iter_1" / "society.json").exists(), 2.0),
 ]
