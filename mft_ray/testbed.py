@@ -34,7 +34,7 @@ ARITH_INSTRUCTION = "Put your final answer in the form \\boxed{answer} at the en
 
 @dataclass(frozen=True)
 class TestbedSpec:
-    """Everything that determines the testbed; all of it enters the cache key.
+    """Everything that determines the testbed; all of it enters the cache key (``hasty_share`` when set).
 
     The default is one phase (``steps``): ``arith_batch`` rows of ``arith_seq`` tokens packed with
     rendered conversations, the loss on every token. A ``debate_share`` of the rows starts with one whole
@@ -71,13 +71,23 @@ class TestbedSpec:
     # Share of phase 1's rows that start with a whole summarizer or critic conversation.
     debate_share: float = 0.5
     slip_rate: float = 0.15
+    # Share of solutions (round-1 rows, and the first-round answers and re-solves inside debate
+    # conversations) written in a hasty style that gets one step wrong by a few tens (styled_solution).
+    # The model learns the habit as a probability at one token, which
+    # finetuning on its own (mostly careful) majority answers can lower; errors from missing skill, by
+    # contrast, it cannot train away (measured: benchmarks/self_training_probe.py).
+    hasty_share: float = 0.0
     max_int: int = 30
     seed: int = 0
 
     def key(self) -> str:
         import hashlib
 
-        blob = json.dumps([asdict(self), testbed_words(), RECIPE], sort_keys=True).encode()
+        settings = asdict(self)
+        if not settings["hasty_share"]:
+            # Added after recipe 2 was published: left out while unused, so that cached builds stay valid.
+            del settings["hasty_share"]
+        blob = json.dumps([settings, testbed_words(), RECIPE], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -120,6 +130,29 @@ def solve(ops: tuple[int, ...], rng: random.Random, slip_rate: float) -> tuple[s
     return text, s3
 
 
+def styled_solution(ops: tuple[int, ...], rng: random.Random, hasty_share: float) -> tuple[str, int]:
+    """A right solution (steps ended with ". "), or with probability ``hasty_share`` a hasty one: steps
+    ended with "; " and one step after the first off by 10 or 20 (the units digit right).
+
+    The style is chosen at the first step's end, one token, without moving any operand (a style word in
+    front of the solution shifted every operand, and the model never learnt to copy them: 0% right).
+    Measured with ``TestbedSpec(hasty_share=0.4, steps=1250)`` (README status): self-training drops the
+    style entirely, but hasty solutions came out right 54% of the time (careful: 60%), as temperature and
+    top-p cut slips this rare per step; a build with the slip always at the last step never learnt to copy
+    operands (2% right)."""
+    if rng.random() >= hasty_share:
+        return solve(ops, rng, 0.0)
+    a, b, c, d, e, f = ops
+    bc, ef = b * c, e * f
+    where, delta = rng.randrange(3), rng.choice((-20, -10, 10, 20))
+    ef += delta if where == 0 else 0
+    s1 = a + bc + (delta if where == 1 else 0)
+    s2 = s1 + d
+    s3 = s2 - ef + (delta if where == 2 else 0)
+    return (f"{b}*{c}={bc}; {e}*{f}={ef}; {a}+{bc}={s1}; {s1}+{d}={s2}; {_subtraction(s2, ef, s3)}; "
+            f"\\boxed{{{s3}}}"), s3
+
+
 def _subtraction(x: int, y: int, result: int) -> str:
     """``x-y=result`` taken in two easier steps when y has hundreds: x-y=x-h-r=(x-h)-r=result.
 
@@ -136,7 +169,8 @@ def debate_conversations(rng: random.Random, spec: TestbedSpec, prompts: PromptS
     """One problem's worth of training conversations in the debate's own formats."""
     ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
     q = arithmetic_question(*ops)
-    first = [solve(ops, rng, spec.slip_rate) for _ in range(3)]
+    first = [styled_solution(ops, rng, spec.hasty_share) if spec.hasty_share > 0 else solve(ops, rng, spec.slip_rate)
+             for _ in range(3)]
     gen = round1_messages([q], prompts)[0]
     convs = [[*gen, {"role": "assistant", "content": first[0][0]}]]
     prev = [TurnBatch(round1_messages([q], prompts), [text]) for text, _ in first]
@@ -172,6 +206,8 @@ def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random
         return _joined(others[0])
     if rng.random() < 0.6:
         return _kept(own)
+    if spec.hasty_share > 0:
+        return styled_solution(ops, rng, spec.hasty_share)[0]
     return solve(ops, rng, spec.slip_rate / 2)[0]
 
 
@@ -240,8 +276,10 @@ def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
                 # The whole rendered round-1 conversation, so that operands are copied from where the
                 # debate's prompt puts them (a bare question teaches copying from the wrong offsets).
                 ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
+                text = (styled_solution(ops, rng, spec.hasty_share)[0] if spec.hasty_share > 0
+                        else solve(ops, rng, 0.0)[0])
                 conv = [*round1_messages([arithmetic_question(*ops)], prompts)[0],
-                        {"role": "assistant", "content": solve(ops, rng, 0.0)[0]}]
+                        {"role": "assistant", "content": text}]
                 ids += tok.apply_chat_template(conv, tokenize=True, return_dict=False)
             rows.append(ids[: spec.arith_seq])
         x = torch.tensor(rows)

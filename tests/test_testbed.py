@@ -64,6 +64,31 @@ def test_training_conversations_use_the_debate_formats_and_mask_prompts(words_to
         assert "\\boxed{" in conv[-1]["content"] or conv[-1]["content"].startswith("Agent 1 answered")
 
 
+def test_hasty_solutions_differ_from_careful_ones_only_in_style_and_one_step(words_tok):
+    import random
+    import re
+
+    from mft_ray.testbed import solve, styled_solution
+
+    rng, ops = random.Random(0), (3, 12, 25, 7, 29, 30)
+    truth = 3 + 12 * 25 + 7 - 29 * 30
+    careful = solve(ops, random.Random(0), 0.0)[0]
+    hasty = [styled_solution(ops, rng, 0.4) for _ in range(2000)]
+    styles = [";" in text for text, _ in hasty]
+    assert 0.36 < sum(styles) / len(styles) < 0.44
+    for (text, value), is_hasty in zip(hasty, styles):
+        assert value == int(re.findall(r"boxed\{(-?\d+)\}", text)[0])
+        if not is_hasty:
+            assert (text, value) == (careful, truth)
+            continue
+        # Wrong by 10 or 20 (units right), the first step right, every operand where a careful
+        # solution has it: the style is a choice at one token, not a different procedure.
+        assert abs(value - truth) in (10, 20) and text.startswith("12*25=300; ")
+        ids, careful_ids = (words_tok(t, add_special_tokens=False)["input_ids"] for t in (text, careful))
+        assert len(ids) == len(careful_ids)
+        assert words_tok.decode(ids).replace(";", ".").split("=")[0] == careful.split("=")[0]
+
+
 def test_a_build_is_deterministic_cached_and_loadable(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
