@@ -124,10 +124,16 @@ def solve(ops: tuple[int, ...], rng: random.Random, slip_rate: float) -> tuple[s
     if where == 1:
         ef += delta
     s1 = a + bc + (delta if where == 2 else 0)
+    s3 = s1 + d - ef + (delta if where == 3 else 0)
+    return _written(ops, bc, ef, s1, s3, ". "), s3
+
+
+def _written(ops: tuple[int, ...], bc: int, ef: int, s1: int, s3: int, sep: str) -> str:
+    """The steps of a solution with the given (possibly slipped) results, each ended by ``sep``."""
+    a, b, c, d, e, f = ops
     s2 = s1 + d
-    s3 = s2 - ef + (delta if where == 3 else 0)
-    text = f"{b}*{c}={bc}. {e}*{f}={ef}. {a}+{bc}={s1}. {s1}+{d}={s2}. {_subtraction(s2, ef, s3)}. \\boxed{{{s3}}}"
-    return text, s3
+    return sep.join([f"{b}*{c}={bc}", f"{e}*{f}={ef}", f"{a}+{bc}={s1}", f"{s1}+{d}={s2}",
+                     _subtraction(s2, ef, s3), f"\\boxed{{{s3}}}"])
 
 
 def styled_solution(ops: tuple[int, ...], rng: random.Random, hasty_share: float) -> tuple[str, int]:
@@ -147,10 +153,13 @@ def styled_solution(ops: tuple[int, ...], rng: random.Random, hasty_share: float
     where, delta = rng.randrange(3), rng.choice((-20, -10, 10, 20))
     ef += delta if where == 0 else 0
     s1 = a + bc + (delta if where == 1 else 0)
-    s2 = s1 + d
-    s3 = s2 - ef + (delta if where == 2 else 0)
-    return (f"{b}*{c}={bc}; {e}*{f}={ef}; {a}+{bc}={s1}; {s1}+{d}={s2}; {_subtraction(s2, ef, s3)}; "
-            f"\\boxed{{{s3}}}"), s3
+    s3 = s1 + d - ef + (delta if where == 2 else 0)
+    return _written(ops, bc, ef, s1, s3, "; "), s3
+
+
+def _solution(ops: tuple[int, ...], rng: random.Random, spec: TestbedSpec, slip_rate: float) -> tuple[str, int]:
+    """A solution in the spec's styles when it has them, else one slipping ``slip_rate`` of the time."""
+    return styled_solution(ops, rng, spec.hasty_share) if spec.hasty_share > 0 else solve(ops, rng, slip_rate)
 
 
 def _subtraction(x: int, y: int, result: int) -> str:
@@ -169,8 +178,7 @@ def debate_conversations(rng: random.Random, spec: TestbedSpec, prompts: PromptS
     """One problem's worth of training conversations in the debate's own formats."""
     ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
     q = arithmetic_question(*ops)
-    first = [styled_solution(ops, rng, spec.hasty_share) if spec.hasty_share > 0 else solve(ops, rng, spec.slip_rate)
-             for _ in range(3)]
+    first = [_solution(ops, rng, spec, spec.slip_rate) for _ in range(3)]
     gen = round1_messages([q], prompts)[0]
     convs = [[*gen, {"role": "assistant", "content": first[0][0]}]]
     prev = [TurnBatch(round1_messages([q], prompts), [text]) for text, _ in first]
@@ -206,9 +214,7 @@ def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random
         return _joined(others[0])
     if rng.random() < 0.6:
         return _kept(own)
-    if spec.hasty_share > 0:
-        return styled_solution(ops, rng, spec.hasty_share)[0]
-    return solve(ops, rng, spec.slip_rate / 2)[0]
+    return _solution(ops, rng, spec, spec.slip_rate / 2)[0]
 
 
 def _fourier_init(model, tok, scale: float) -> None:
@@ -276,10 +282,8 @@ def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
                 # The whole rendered round-1 conversation, so that operands are copied from where the
                 # debate's prompt puts them (a bare question teaches copying from the wrong offsets).
                 ops = tuple(rng.randint(0, spec.max_int) for _ in range(6))
-                text = (styled_solution(ops, rng, spec.hasty_share)[0] if spec.hasty_share > 0
-                        else solve(ops, rng, 0.0)[0])
                 conv = [*round1_messages([arithmetic_question(*ops)], prompts)[0],
-                        {"role": "assistant", "content": text}]
+                        {"role": "assistant", "content": _solution(ops, rng, spec, 0.0)[0]}]
                 ids += tok.apply_chat_template(conv, tokenize=True, return_dict=False)
             rows.append(ids[: spec.arith_seq])
         x = torch.tensor(rows)
