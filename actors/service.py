@@ -6,8 +6,7 @@
 
 From Python (a Ray client or a session on the cluster)::
 
-    ray.init("ray://<head>:10001")
-    client = attach()                                 # name "mft-debate", namespace "mft"
+    client = attach(address="ray://<head>:10001")    # name "mft-debate", namespace "mft"
     for event in client.ask("What is the result of 1+2*3+0-1*2?"):
         print(event)                                  # round 1 answers, summaries, critics, final
 
@@ -305,6 +304,28 @@ class DebateClient:
             raise _cause(exc) from None
 
 
+# Ray Client's proxier starts one server process per connecting client, and that process can die as it is
+# spawned (ray-project/ray#63202, open on Ray 2.60; seen in CI with two clients connecting at once): the
+# connection then fails with "Initialization failure from server". A new connection gets a new process.
+CLIENT_CONNECT_ATTEMPTS = 3
+
+
+def connect(address: str, namespace: str = NAMESPACE, **init_kwargs: Any) -> None:
+    """``ray.init(address, namespace=...)``, retrying a Ray Client connection whose server process failed
+    to start; any other failure, or the last attempt's, is raised as it is."""
+    for attempt in range(1, CLIENT_CONNECT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, namespace=namespace, **init_kwargs)
+            return
+        except ConnectionAbortedError as exc:
+            if (not str(address).startswith("ray://") or "Initialization failure from server" not in str(exc)
+                    or attempt == CLIENT_CONNECT_ATTEMPTS):
+                raise
+            logger.warning("Ray Client at %s: its server process for this connection failed to start "
+                           "(attempt %d of %d); connecting again", address, attempt, CLIENT_CONNECT_ATTEMPTS)
+            time.sleep(attempt)
+
+
 def attach(name: str = DEFAULT_NAME, namespace: str = NAMESPACE, address: str | None = None) -> DebateClient:
     """A client for the service ``name`` in ``namespace``.
 
@@ -314,7 +335,7 @@ def attach(name: str = DEFAULT_NAME, namespace: str = NAMESPACE, address: str | 
     if not ray.is_initialized():
         if address is None:
             raise ServiceError("not connected to Ray: call ray.init('ray://<head>:10001') first or pass address=")
-        ray.init(address=address, namespace=namespace)
+        connect(address, namespace)
     handle = _find(name, namespace)
     if handle is None:
         raise ServiceError(f"no debate service named {name!r} in namespace {namespace!r}; start one with "

@@ -94,12 +94,12 @@ def _probe(address: str) -> None:
 
 
 def _connect(address: str | None, namespace: str) -> None:
-    import ray
+    from actors.service import connect
 
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     _probe(address)
     try:
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
+        connect(address, namespace, log_to_driver=False)
     except ConnectionError as exc:
         raise ConfigError(f"--address {address}: cannot connect to a Ray cluster ({' '.join(str(exc).split())}); "
                           "start one with `ray start --head` or pass --address") from None

@@ -29,9 +29,8 @@ QUESTIONS = ["What is the result of 1+2*3+0-1*2?", "What is the result of 3+1*2+
 # arrival time; afterwards the service's info. One JSON object on the last line.
 CLIENT = r"""
 import json, sys, threading, time
-import ray
-from actors.service import attach
-ray.init(sys.argv[1], namespace="mft", log_to_driver=False)
+from actors.service import attach, connect
+connect(sys.argv[1], log_to_driver=False)
 client = attach()
 questions = json.loads(sys.argv[2])
 barrier = threading.Barrier(len(questions))
@@ -51,7 +50,8 @@ print(json.dumps({"asks": [got[k] for k in range(len(questions))], "info": clien
 LEFTOVERS = r"""
 import json, sys
 import ray
-ray.init(sys.argv[1], log_to_driver=False)
+from actors.service import connect
+connect(sys.argv[1], log_to_driver=False)
 actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "mft"]
 groups = [g["state"] for g in ray.util.placement_group_table().values() if g.get("name") == "mft-debate"]
 print(json.dumps({"actors": actors, "groups": groups}))
@@ -279,3 +279,31 @@ def test_registry_drops_finished_questions_after_keep_s():
     with pytest.raises(KeyError, match="no question"):
         registry.get(done.question_id)
     assert registry.get(running.question_id) is running  # unfinished questions are never dropped
+
+
+def test_connect_retries_only_a_ray_client_server_that_failed_to_start(monkeypatch):
+    """Ray Client's per-connection server process can die at spawn (ray-project/ray#63202, a CI failure):
+    connect() tries again; a failure of any other kind, or at a GCS address, is raised at once."""
+    from actors import service
+
+    calls: list[str] = []
+
+    def init(address, failures, message):
+        calls.append(address)
+        if len(calls) <= failures:
+            raise ConnectionAbortedError(message)
+
+    monkeypatch.setattr(service.time, "sleep", lambda s: None)
+    spawn_failure = "Initialization failure from server:\npsutil.ZombieProcess: PID still exists"
+    monkeypatch.setattr(service.ray, "init", lambda address, namespace, **kw: init(address, 2, spawn_failure))
+    service.connect("ray://127.0.0.1:10001")
+    assert calls == ["ray://127.0.0.1:10001"] * 3
+
+    for address, failures, message in [("ray://h:1", 3, spawn_failure), ("127.0.0.1:6379", 1, spawn_failure),
+                                       ("ray://h:1", 1, "version mismatch")]:
+        calls.clear()
+        monkeypatch.setattr(service.ray, "init", lambda address, namespace, f=failures, m=message, **kw:
+                            init(address, f, m))
+        with pytest.raises(ConnectionAbortedError):
+            service.connect(address)
+        assert len(calls) == (service.CLIENT_CONNECT_ATTEMPTS if failures == 3 else 1)
