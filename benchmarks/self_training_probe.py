@@ -10,7 +10,8 @@ problem under the config's sampling settings, keep the first sample's replies th
 majority vote (no labels; ``--pool`` keeps every sample's, ``--oracle`` keeps the right ones instead,
 an upper bound), finetune a copy of the model on them with plain torch AdamW (the trainer's loss mask:
 reply tokens only, the model's chat template) at each learning rate, and measure single-sample,
-majority-of-samples and greedy accuracy on ``--problems`` evaluation problems before and after.
+majority-of-samples and greedy accuracy on ``--problems`` evaluation problems before and after, and
+the share of replies in the testbed's hasty style with each style's accuracy.
 The last line printed is one JSON object.
 """
 
@@ -42,6 +43,7 @@ def main() -> None:
     from mft_ray.tasks.registry import make_task
     from mft_ray.tasks.splits import make_splits
     from mft_ray.training.tokenize import collate, encode_example
+    from mft_ray.testbed import is_hasty
     from mft_ray.voting import majority_vote, vote_rng
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,17 +70,23 @@ def main() -> None:
 
     def measure(model_dir: str) -> dict:
         engine = make_engine(cfg.model, model_dir)
-        samples = [[task.extract_answer(t) for t in engine.generate(eval_convs, base_sampling.derive("probe-eval", k))]
-                   for k in range(args.samples)]
+        raw = [engine.generate(eval_convs, base_sampling.derive("probe-eval", k)) for k in range(args.samples)]
+        samples = [[task.extract_answer(t) for t in r] for r in raw]
+        # The testbed's hasty habit (steps ended with "; "): whether self-training drops it, and what
+        # each style is worth. Meaningless (0 hasty) for other models.
+        hasty = [is_hasty(t) for r in raw for t in r]
+        right = [task.is_correct(a, p.answer) for s in samples for a, p in zip(s, evals)]
         votes = [majority_vote([s[i] for s in samples], task.equivalent, vote_rng(cfg.seed, p.id))
                  for i, p in enumerate(evals)]
         best = [task.extract_answer(t) for t in engine.generate(eval_convs, greedy)]
         n = len(evals)
         return {
-            "single": round(sum(task.is_correct(s[i], p.answer) for s in samples for i, p in enumerate(evals))
-                            / (n * args.samples), 4),
+            "single": round(sum(right) / len(right), 4),
             "majority": round(sum(task.is_correct(v.answer, p.answer) for v, p in zip(votes, evals)) / n, 4),
             "greedy": round(sum(task.is_correct(g, p.answer) for g, p in zip(best, evals)) / n, 4),
+            "hasty_share": round(sum(hasty) / len(hasty), 4),
+            "hasty_right": round(sum(r for r, h in zip(right, hasty) if h) / max(1, sum(hasty)), 4),
+            "careful_right": round(sum(r for r, h in zip(right, hasty) if not h) / max(1, hasty.count(False)), 4),
         }
 
     path = resolve_model_path(cfg.model.path)

@@ -179,7 +179,7 @@ def _builder(name: str) -> tuple[str, Callable[[Path], object]]:
 
 BUILTIN_MODELS: dict[str, str] = {
     "tiny-random": "random weights: exercises the pipeline, answers nothing",
-    "testbed": "pretrained on arithmetic debate turns in ~8 minutes; answers 30-70% right (see testbed.py)",
+    "testbed": "pretrained on arithmetic debate turns in ~9 minutes; answers 30-70% right (see testbed.py)",
     "testbed-mini": "a 30-second version for tests (operands 0..3): parseable, agents often agree",
 }
 

@@ -28,21 +28,21 @@ logger = logging.getLogger(__name__)
 # Periods of the Fourier features: units, tens, hundreds, and 2000 to tell -336 from 664.
 FOURIER_PERIODS = (10, 100, 1000, 2000)
 # Bumped whenever the generated training text changes, so that a cached testbed is never reused stale.
-RECIPE = 2
+RECIPE = 3
+HASTY_SEPARATOR = "; "
 ARITH_INSTRUCTION = "Put your final answer in the form \\boxed{answer} at the end of your response."
 
 
 @dataclass(frozen=True)
 class TestbedSpec:
-    """Everything that determines the testbed; all of it enters the cache key (``hasty_share`` when set).
+    """Everything that determines the testbed; all of it enters the cache key.
 
     The default is one phase (``steps``): ``arith_batch`` rows of ``arith_seq`` tokens packed with
     rendered conversations, the loss on every token. A ``debate_share`` of the rows starts with one whole
     summarizer or critic conversation (built from three sampled solutions that slip ``slip_rate`` of the
     time), so that their formats are learnt alongside the arithmetic; the rest of every row is round-1
-    conversations (the debate's prompt and a correct step-by-step solution, the large subtraction taken
-    in two easier steps). An
-    optional phase 2 (``debate_steps``, its own optimizer at ``debate_learning_rate``) trains whole
+    conversations (the debate's prompt and a step-by-step solution, the large subtraction taken in two
+    easier steps; ``hasty_share`` of them in a hasty style that leaves out a step). An optional phase 2 (``debate_steps``, its own optimizer at ``debate_learning_rate``) trains whole
     debate conversations with the loss on the replies only; the mini testbed uses only that phase.
 
     Measured alternatives (2 CPUs, 300 held-out problems; README status): a separate phase 2
@@ -52,13 +52,16 @@ class TestbedSpec:
     was split. Recipe 1 packed debate conversations anywhere in a row, so a critic's reply was often
     cut off, and its "keep" reply rewrote the whole solution: critics garbled the operands and Debate
     fell to 1%. Recipe 2 (row-start conversations, short keep replies): critics parse 100%, Debate 59%
-    at temperature 0.5, but summaries are right only ~50%, so round 2 still loses to round 1.
+    at temperature 0.5, but summaries are right only ~50%, so round 2 still loses to round 1, and
+    finetuning on its own majority answers did not improve it: its errors were missing skill. Recipe 3
+    (the default) adds the hasty habit that self-training can drop; built in 535 s: 92% greedy, 59% at
+    temperature 0.5 (hasty replies 22% of them, right 4%; careful ones right 82%).
     """
 
     model: TinyModelSpec = TinyModelSpec(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                                           num_attention_heads=4, num_key_value_heads=4,
                                           max_position_embeddings=1024, tokenizer="words-v1")
-    steps: int = 1100
+    steps: int = 1600
     arith_batch: int = 16
     arith_seq: int = 256
     learning_rate: float = 3e-3
@@ -72,22 +75,23 @@ class TestbedSpec:
     debate_share: float = 0.5
     slip_rate: float = 0.15
     # Share of solutions (round-1 rows, and the first-round answers and re-solves inside debate
-    # conversations) written in a hasty style that gets one step wrong by a few tens (styled_solution).
-    # The model learns the habit as a probability at one token, which
-    # finetuning on its own (mostly careful) majority answers can lower; errors from missing skill, by
-    # contrast, it cannot train away (measured: benchmarks/self_training_probe.py).
-    hasty_share: float = 0.0
+    # conversations) written in a hasty style that leaves out a step (styled_solution). The model learns
+    # the habit as a probability at one token, which finetuning on its own (mostly careful) majority
+    # answers can lower; errors from missing skill, by contrast, it cannot train away (measured:
+    # benchmarks/self_training_probe.py). 0 means slips at ``slip_rate`` instead.
+    hasty_share: float = 0.35
     max_int: int = 30
-    seed: int = 0
+    # Seed 0 of this recipe never learnt to copy the operand e within the budget (7% right, measured):
+    # when copying is learnt is fragile, so the default seed is one whose build was checked.
+    seed: int = 1
+    # bfloat16 autocast for the forward passes (weights and optimizer stay float32): 1.4-1.7x faster on
+    # CPUs with AVX512-BF16, which buys the steps that make copying the operands reliable.
+    bf16: bool = True
 
     def key(self) -> str:
         import hashlib
 
-        settings = asdict(self)
-        if not settings["hasty_share"]:
-            # Added after recipe 2 was published: left out while unused, so that cached builds stay valid.
-            del settings["hasty_share"]
-        blob = json.dumps([settings, testbed_words(), RECIPE], sort_keys=True).encode()
+        blob = json.dumps([asdict(self), testbed_words(), RECIPE], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -98,7 +102,7 @@ MINI_TESTBED = TestbedSpec(
     model=TinyModelSpec(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=4, max_position_embeddings=2048),
     steps=0, arith_batch=0, debate_steps=200, debate_problems=3, debate_learning_rate=3e-3,
-    fourier_scale=0.0, slip_rate=0.35, max_int=3)
+    fourier_scale=0.0, slip_rate=0.35, hasty_share=0.0, max_int=3, seed=0, bf16=False)
 
 
 def testbed_words() -> list[str]:
@@ -124,37 +128,36 @@ def solve(ops: tuple[int, ...], rng: random.Random, slip_rate: float) -> tuple[s
     if where == 1:
         ef += delta
     s1 = a + bc + (delta if where == 2 else 0)
-    s3 = s1 + d - ef + (delta if where == 3 else 0)
-    return _written(ops, bc, ef, s1, s3, ". "), s3
-
-
-def _written(ops: tuple[int, ...], bc: int, ef: int, s1: int, s3: int, sep: str) -> str:
-    """The steps of a solution with the given (possibly slipped) results, each ended by ``sep``."""
-    a, b, c, d, e, f = ops
     s2 = s1 + d
-    return sep.join([f"{b}*{c}={bc}", f"{e}*{f}={ef}", f"{a}+{bc}={s1}", f"{s1}+{d}={s2}",
-                     _subtraction(s2, ef, s3), f"\\boxed{{{s3}}}"])
+    s3 = s2 - ef + (delta if where == 3 else 0)
+    return ". ".join([f"{b}*{c}={bc}", f"{e}*{f}={ef}", f"{a}+{bc}={s1}", f"{s1}+{d}={s2}",
+                      _subtraction(s2, ef, s3), f"\\boxed{{{s3}}}"]), s3
 
 
 def styled_solution(ops: tuple[int, ...], rng: random.Random, hasty_share: float) -> tuple[str, int]:
     """A right solution (steps ended with ". "), or with probability ``hasty_share`` a hasty one: steps
-    ended with "; " and one step after the first off by 10 or 20 (the units digit right).
+    ended with "; " that forgets to add d (no ``s1+d`` step), so its answer is off by d.
 
-    The style is chosen at the first step's end, one token, without moving any operand (a style word in
-    front of the solution shifted every operand, and the model never learnt to copy them: 0% right).
-    Measured with ``TestbedSpec(hasty_share=0.4, steps=1250)`` (README status): self-training drops the
-    style entirely, but hasty solutions came out right 54% of the time (careful: 60%), as temperature and
-    top-p cut slips this rare per step; a build with the slip always at the last step never learnt to copy
-    operands (2% right)."""
+    The style is chosen at the first step's end, one token, without moving any operand, and the slip is
+    a step left out rather than a wrong number: a habit the model follows whatever the temperature
+    (hasty replies are right only when d is 0: 4% at temperature 0.5, measured), and one that finetuning
+    on its own majority answers can drop. Measured alternatives (README status): a style word in front
+    of the solution shifted every operand and the model never learnt to copy them (0% right); one of
+    three later steps off by 10 or 20, or the last step always off, was undone by the arithmetic the
+    model knows (hasty replies right 54% and 32% of the time at temperature 0.5)."""
     if rng.random() >= hasty_share:
         return solve(ops, rng, 0.0)
     a, b, c, d, e, f = ops
     bc, ef = b * c, e * f
-    where, delta = rng.randrange(3), rng.choice((-20, -10, 10, 20))
-    ef += delta if where == 0 else 0
-    s1 = a + bc + (delta if where == 1 else 0)
-    s3 = s1 + d - ef + (delta if where == 2 else 0)
-    return _written(ops, bc, ef, s1, s3, "; "), s3
+    s1 = a + bc
+    s3 = s1 - ef
+    return HASTY_SEPARATOR.join([f"{b}*{c}={bc}", f"{e}*{f}={ef}", f"{a}+{bc}={s1}", _subtraction(s1, ef, s3),
+                                 f"\\boxed{{{s3}}}"]), s3
+
+
+def is_hasty(text: str) -> bool:
+    """Whether a reply is written in the testbed's hasty style (its steps end with "; ")."""
+    return HASTY_SEPARATOR in text
 
 
 def _solution(ops: tuple[int, ...], rng: random.Random, spec: TestbedSpec, slip_rate: float) -> tuple[str, int]:
@@ -287,7 +290,8 @@ def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
                 ids += tok.apply_chat_template(conv, tokenize=True, return_dict=False)
             rows.append(ids[: spec.arith_seq])
         x = torch.tensor(rows)
-        return model(input_ids=x, labels=x).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
+            return model(input_ids=x, labels=x).loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
     sched = _schedule(opt, spec.steps)
@@ -303,7 +307,8 @@ def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
     for step in range(spec.debate_steps):
         turns = [e for _ in range(spec.debate_problems) for c in debate_conversations(rng, spec, prompts)
                  if (e := encode_example(tok, c, spec.model.max_position_embeddings))]
-        loss = model(**collate(turns, tok.pad_token_id)).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
+            loss = model(**collate(turns, tok.pad_token_id)).loss
         _step(model, opt, sched, loss)
         bar.update()
         if step % 25 == 0:

@@ -18,7 +18,7 @@ MICRO = dataclasses.replace(
     model=TinyModelSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                         num_key_value_heads=2, max_position_embeddings=1024, tokenizer="words-v1"),
     steps=6, arith_batch=2, arith_seq=128, debate_steps=3, debate_problems=1, debate_learning_rate=5e-4,
-    fourier_scale=1.0, slip_rate=0.15, max_int=30)
+    fourier_scale=1.0, slip_rate=0.15, hasty_share=0.35, max_int=30, bf16=True)
 
 
 @pytest.fixture(scope="module")
@@ -64,29 +64,28 @@ def test_training_conversations_use_the_debate_formats_and_mask_prompts(words_to
         assert "\\boxed{" in conv[-1]["content"] or conv[-1]["content"].startswith("Agent 1 answered")
 
 
-def test_hasty_solutions_differ_from_careful_ones_only_in_style_and_one_step(words_tok):
+def test_hasty_solutions_leave_out_adding_d_and_differ_from_careful_ones_from_the_first_separator(words_tok):
     import random
     import re
 
-    from mft_ray.testbed import solve, styled_solution
+    from mft_ray.testbed import is_hasty, solve, styled_solution
 
     rng, ops = random.Random(0), (3, 12, 25, 7, 29, 30)
     truth = 3 + 12 * 25 + 7 - 29 * 30
     careful = solve(ops, random.Random(0), 0.0)[0]
     hasty = [styled_solution(ops, rng, 0.4) for _ in range(2000)]
-    styles = [";" in text for text, _ in hasty]
+    styles = [is_hasty(text) for text, _ in hasty]
     assert 0.36 < sum(styles) / len(styles) < 0.44
-    for (text, value), is_hasty in zip(hasty, styles):
+    for (text, value), style in zip(hasty, styles):
         assert value == int(re.findall(r"boxed\{(-?\d+)\}", text)[0])
-        if not is_hasty:
-            assert (text, value) == (careful, truth)
+        if not style:
+            assert (text, value) == (careful, truth) and "; " not in text
             continue
-        # Wrong by 10 or 20 (units right), the first step right, every operand where a careful
-        # solution has it: the style is a choice at one token, not a different procedure.
-        assert abs(value - truth) in (10, 20) and text.startswith("12*25=300; ")
-        ids, careful_ids = (words_tok(t, add_special_tokens=False)["input_ids"] for t in (text, careful))
-        assert len(ids) == len(careful_ids)
-        assert words_tok.decode(ids).replace(";", ".").split("=")[0] == careful.split("=")[0]
+        # The same first three steps (every operand copied from where a careful solution has it), then
+        # the subtraction straight from a+b*c: the answer is off by d, the style chosen at one token.
+        assert value == truth - 7
+        assert text.startswith("12*25=300; 29*30=870; 3+300=303; 303-870=")
+        assert "+7=" not in text and text.replace("; ", ". ").split(". 303-")[0] == careful.split(". 303+")[0]
 
 
 def test_a_build_is_deterministic_cached_and_loadable(tmp_path, monkeypatch):
