@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from jobs.common import base_parser, init_ray, parse_config, preflight, run_cli
+from jobs.common import base_parser, build_builtin_model, init_ray, parse_config, preflight, run_cli
 from mft_ray.config import Config
 from mft_ray.preflight import require_problems
 from mft_ray.methods import check_run_method
@@ -34,6 +34,7 @@ def main(config: Config, split: str = "finetune", iteration: int = 0) -> dict[st
     problems = splits.finetune if split == "finetune" else splits.eval
     require_problems(problems, split)
     preflight(config)
+    build_builtin_model(config.model.path)
     run.prepare(given)
     init_ray()
     stats = debate_split(config, iteration, split, problems, run.debate_dir(iteration, split))

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import pyarrow as pa
 import yaml
 
-from jobs.common import base_parser, init_ray, one_line, parse_config, preflight, run_cli, unwrap_ray_error
+from jobs.common import (base_parser, build_builtin_model, init_ray, one_line, parse_config, preflight, run_cli,
+                         unwrap_ray_error)
 from mft_ray import diversity
 from mft_ray.config import Config, ConfigError
 from mft_ray.engines import EngineError
@@ -257,6 +258,7 @@ def main(config: Config, iteration: int = 0, society_from: str | None = None) ->
     problems = make_splits(task, config.task).eval
     require_problems(problems, "eval")
     preflight(config)
+    build_builtin_model(config.model.path)
     paths = society_paths(config, source, iteration, repair=False)
     run.prepare(given)
     init_ray()

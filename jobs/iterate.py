@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from jobs.common import base_parser, init_ray, parse_config, preflight, run_cli
+from jobs.common import base_parser, build_builtin_model, init_ray, parse_config, preflight, run_cli
 from jobs.evaluate import evaluate_society
 from mft_ray.config import Config, ConfigError
 from mft_ray.methods import (build_sets, build_star_sets, check_run_method, describe, get_method, method_config,
@@ -164,7 +164,11 @@ def main(config: Config) -> dict[str, Any]:
     if config.finetune.iterations > 0:
         require_problems(splits.finetune, "finetune", "to build finetuning sets from (or set finetune.iterations=0)")
     preflight(config)
+    build_builtin_model(config.model.path)
+    base = resolve_model_path(config.model.path)
+    run.check_base_model(base)
     run.prepare(given)
+    run.record_base_model(base)
     init_ray()
     L = config.finetune.iterations
     if any(run.read_society(it) is None for it in range(1, L + 1)):

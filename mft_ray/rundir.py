@@ -1,6 +1,7 @@
 """Layout of a run directory. Every stage writes here, so a job can resume and a person can inspect.
 
     <run_dir>/config.yaml                       resolved config of the latest launch
+    <run_dir>/base_model.txt                    the base model's resolved path (jobs.iterate)
     <run_dir>/iter_<l>/debate_<split>/shard_*.parquet   debate records
     <run_dir>/iter_<l>/metrics.json             evaluation of iteration l (Algorithm 2)
     <run_dir>/iter_<l>/datasets/<role>_<n>.jsonl  finetuning sets built from iteration l-1's debate
@@ -86,6 +87,20 @@ class RunDir:
     @property
     def summary_path(self) -> Path:
         return self.root / "metrics.json"
+
+    def check_base_model(self, model: str) -> None:
+        """Refuse a run directory started from another base model: its finished stages would be reused as
+        this model's results. A rebuilt built-in model (a new testbed recipe) resolves to a new directory,
+        so rerunning ``make demo`` after an upgrade fails here instead of reprinting the old table."""
+        saved = self.root / "base_model.txt"
+        previous = saved.read_text().strip() if saved.is_file() else ""
+        if previous and previous != model:
+            raise ConfigError(f"run_dir {str(self.root)!r} was started from base model {previous!r}, not "
+                              f"{model!r}; its finished stages would be reused: use another run_dir or remove it")
+
+    def record_base_model(self, model: str) -> None:
+        """Write what ``check_base_model`` compares against (after ``prepare``)."""
+        write_text_atomic(model + "\n", self.root / "base_model.txt")
 
     def prepare(self, config: Config) -> None:
         """Create the directory (refusing an unwritable one clearly) and save the config."""

@@ -54,8 +54,8 @@ class TestbedSpec:
     fell to 1%. Recipe 2 (row-start conversations, short keep replies): critics parse 100%, Debate 59%
     at temperature 0.5, but summaries are right only ~50%, so round 2 still loses to round 1, and
     finetuning on its own majority answers did not improve it: its errors were missing skill. Recipe 3
-    (the default) adds the hasty habit that self-training can drop; built in 535 s: 92% greedy, 59% at
-    temperature 0.5 (hasty replies 22% of them, right 4%; careful ones right 82%).
+    (the default) adds the hasty habit that self-training can drop; built in 535 s: 92% greedy, 59-64%
+    at temperature 0.5 (hasty replies 22% of them, right 2-4%; careful ones right 81-82%).
     """
 
     model: TinyModelSpec = TinyModelSpec(hidden_size=128, intermediate_size=512, num_hidden_layers=4,

@@ -291,3 +291,18 @@ def test_rundir_prepare_refuses_path_under_a_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"run_dir .*is not writable"):
         run.prepare(Config())
     assert blocker.read_text() == "x"
+
+
+def test_rundir_refuses_a_run_started_from_another_base_model(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    run.check_base_model("/cache/models/testbed-aaaa")  # a new run directory: nothing to compare
+    run.prepare(Config())
+    run.record_base_model("/cache/models/testbed-aaaa")
+    run.check_base_model("/cache/models/testbed-aaaa")  # a resume from the same model
+    saved = (run.root / "config.yaml").read_text()
+    # A rebuilt testbed (another recipe) would otherwise have the old run's finished stages reprinted.
+    with pytest.raises(ConfigError, match=r"started from base model '/cache/models/testbed-aaaa', not "
+                                          r"'/cache/models/testbed-bbbb'.*use another run_dir"):
+        run.check_base_model("/cache/models/testbed-bbbb")
+    assert (run.root / "config.yaml").read_text() == saved
+    assert (run.root / "base_model.txt").read_text() == "/cache/models/testbed-aaaa\n"

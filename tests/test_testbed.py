@@ -123,6 +123,33 @@ def test_a_build_is_deterministic_cached_and_loadable(tmp_path, monkeypatch):
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+def test_a_job_builds_its_builtin_model_in_the_driver_on_every_core(tmp_path, monkeypatch):
+    """A fractional-CPU actor runs torch on one thread (Ray sets OMP_NUM_THREADS), so jobs build first."""
+    import os
+
+    import torch
+
+    from jobs.common import build_builtin_model
+    from mft_ray import models
+
+    monkeypatch.setenv("MFT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(models, "_testbed_spec", lambda name: MICRO)
+    threads, built_with = torch.get_num_threads(), []
+    real = testbed.pretrain
+    monkeypatch.setattr(testbed, "pretrain", lambda out, spec: (built_with.append(torch.get_num_threads()),
+                                                                real(out, spec))[1])
+    torch.set_num_threads(1)
+    try:
+        build_builtin_model("builtin:testbed")
+        assert torch.get_num_threads() == 1  # the driver's own setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    assert built_with == [len(os.sched_getaffinity(0))]
+    assert (models.builtin_model_dir("testbed") / "config.json").is_file()
+    build_builtin_model(str(tmp_path / "a-local-checkpoint"))  # not built-in: nothing to build
+    assert built_with == [len(os.sched_getaffinity(0))]
+
+
 def _summary() -> dict:
     def it(i, acc, se, cons, datasets=None):
         return {"iteration": i, "accuracy": acc, "stderr": se, "consensus": cons, "problems": 400,
