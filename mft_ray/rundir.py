@@ -99,8 +99,11 @@ class RunDir:
                               f"{model!r}; its finished stages would be reused: use another run_dir or remove it")
 
     def record_base_model(self, model: str) -> None:
-        """Write what ``check_base_model`` compares against (after ``prepare``)."""
-        write_text_atomic(model + "\n", self.root / "base_model.txt")
+        """Write what ``check_base_model`` compares against (after ``prepare``; once, so a resume rewrites
+        nothing it finished)."""
+        saved = self.root / "base_model.txt"
+        if not saved.is_file() or saved.read_text().strip() != model:
+            write_text_atomic(model + "\n", saved)
 
     def prepare(self, config: Config) -> None:
         """Create the directory (refusing an unwritable one clearly) and save the config."""

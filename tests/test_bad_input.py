@@ -372,8 +372,8 @@ def test_iterate_refuses_a_finetune_bigger_than_the_cluster_before_any_debate(
     assert code == EXIT_RESOURCES, err
     assert "a finetune needs CPU=64" in err and "finetune.cpus_per_worker" in err and "Traceback" not in err
     assert time.monotonic() - start < 30
-    # Only the launch's config is written; nothing that looks like a result.
-    assert sorted(p.name for p in run_dir.rglob("*")) == ["config.yaml"]
+    # Only the launch's config and base model are written; nothing that looks like a result.
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["base_model.txt", "config.yaml"]
 
 
 # -- errors raised on the cluster reach the command line as one line ------------------------------------

@@ -298,7 +298,10 @@ def test_rundir_refuses_a_run_started_from_another_base_model(tmp_path: Path) ->
     run.check_base_model("/cache/models/testbed-aaaa")  # a new run directory: nothing to compare
     run.prepare(Config())
     run.record_base_model("/cache/models/testbed-aaaa")
+    stamp = (run.root / "base_model.txt").stat().st_mtime_ns
     run.check_base_model("/cache/models/testbed-aaaa")  # a resume from the same model
+    run.record_base_model("/cache/models/testbed-aaaa")
+    assert (run.root / "base_model.txt").stat().st_mtime_ns == stamp  # a resume rewrites nothing
     saved = (run.root / "config.yaml").read_text()
     # A rebuilt testbed (another recipe) would otherwise have the old run's finished stages reprinted.
     with pytest.raises(ConfigError, match=r"started from base model '/cache/models/testbed-aaaa', not "
