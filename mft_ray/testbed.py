@@ -4,8 +4,8 @@ A random tiny model answers nothing, so every majority would be empty and the fi
 have no data. The testbed is pretrained (plain torch, a few minutes at most on a laptop CPU) on
 conversations in the exact prompt formats of the debate: generator turns that solve a+b*c+d-e*f step by
 step and end in \\boxed{answer}, summarizer turns that restate the other agents' answers, and critic
-turns that answer again after seeing them. A share of the solutions carry a deliberate slip, so that
-the model's skill is partial and its errors varied.
+turns that answer again after seeing them. A share of the solutions is written in a hasty style that
+leaves out a step, so that the model samples a wrong habit its own majority answers can train away.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ class TestbedSpec:
 
     The default is one phase (``steps``): ``arith_batch`` rows of ``arith_seq`` tokens packed with
     rendered conversations, the loss on every token. A ``debate_share`` of the rows starts with one whole
-    summarizer or critic conversation (built from three sampled solutions that slip ``slip_rate`` of the
-    time), so that their formats are learnt alongside the arithmetic; the rest of every row is round-1
-    conversations (the debate's prompt and a step-by-step solution, the large subtraction taken in two
-    easier steps; ``hasty_share`` of them in a hasty style that leaves out a step). An optional phase 2 (``debate_steps``, its own optimizer at ``debate_learning_rate``) trains whole
-    debate conversations with the loss on the replies only; the mini testbed uses only that phase.
+    summarizer or critic conversation (built from three sampled solutions: hasty or careful, or slipping
+    ``slip_rate`` of the time when ``hasty_share`` is 0), so that their formats are learnt alongside the
+    arithmetic; the rest of every row is round-1 conversations (the debate's prompt and a step-by-step
+    solution, the large subtraction taken in two easier steps; ``hasty_share`` of them in a hasty style
+    that leaves out a step). An optional phase 2 (``debate_steps``, its own optimizer at
+    ``debate_learning_rate``) trains whole debate conversations with the loss on the replies only; the
+    mini testbed uses only that phase.
 
     Measured alternatives (2 CPUs, 300 held-out problems; README status): a separate phase 2
     after phase 1 unlearnt copying the operands (1-2% right) or, at the tail of phase 1's schedule,
