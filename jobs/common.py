@@ -53,8 +53,9 @@ def preflight(config: Config) -> None:
         check_endpoint(model.base_url, timeout_s=min(model.request_timeout_s, 10.0))
 
 
-def build_builtin_model(path: str) -> None:
-    """Build (or find cached) a ``builtin:`` model here, in the job's driver, with every core it may use.
+def build_builtin_model(path: str) -> str:
+    """Build (or find cached) a ``builtin:`` model here, in the job's driver, with every core it may use;
+    return its local directory (any other ``path`` unchanged, as ``resolve_model_path`` does).
 
     Left to the first agent actor, the build ran on one thread: Ray gives a fractional-CPU actor
     ``OMP_NUM_THREADS=1``, which made the testbed's ~9-minute build take ~17 (measured on 2 CPUs). Actors
@@ -63,7 +64,7 @@ def build_builtin_model(path: str) -> None:
     from mft_ray.config import BUILTIN_PREFIX
 
     if not path.startswith(BUILTIN_PREFIX):
-        return
+        return path
     import torch
 
     from mft_ray.models import resolve_model_path
@@ -72,7 +73,7 @@ def build_builtin_model(path: str) -> None:
     # A job's entrypoint may inherit OMP_NUM_THREADS=1 from Ray as well.
     torch.set_num_threads(max(threads, len(os.sched_getaffinity(0))))
     try:
-        resolve_model_path(path)
+        return resolve_model_path(path)
     finally:
         torch.set_num_threads(threads)
 

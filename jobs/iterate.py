@@ -164,8 +164,7 @@ def main(config: Config) -> dict[str, Any]:
     if config.finetune.iterations > 0:
         require_problems(splits.finetune, "finetune", "to build finetuning sets from (or set finetune.iterations=0)")
     preflight(config)
-    build_builtin_model(config.model.path)
-    base = resolve_model_path(config.model.path)
+    base = build_builtin_model(config.model.path)
     run.check_base_model(base)
     run.prepare(given)
     run.record_base_model(base)

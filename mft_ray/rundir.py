@@ -92,8 +92,7 @@ class RunDir:
         """Refuse a run directory started from another base model: its finished stages would be reused as
         this model's results. A rebuilt built-in model (a new testbed recipe) resolves to a new directory,
         so rerunning ``make demo`` after an upgrade fails here instead of reprinting the old table."""
-        saved = self.root / "base_model.txt"
-        previous = saved.read_text().strip() if saved.is_file() else ""
+        previous = self._saved_base_model()
         if previous and previous != model:
             raise ConfigError(f"run_dir {str(self.root)!r} was started from base model {previous!r}, not "
                               f"{model!r}; its finished stages would be reused: use another run_dir or remove it")
@@ -101,9 +100,15 @@ class RunDir:
     def record_base_model(self, model: str) -> None:
         """Write what ``check_base_model`` compares against (after ``prepare``; once, so a resume rewrites
         nothing it finished)."""
-        saved = self.root / "base_model.txt"
-        if not saved.is_file() or saved.read_text().strip() != model:
-            write_text_atomic(model + "\n", saved)
+        if self._saved_base_model() != model:
+            write_text_atomic(model + "\n", self.base_model_path)
+
+    @property
+    def base_model_path(self) -> Path:
+        return self.root / "base_model.txt"
+
+    def _saved_base_model(self) -> str:
+        return self.base_model_path.read_text().strip() if self.base_model_path.is_file() else ""
 
     def prepare(self, config: Config) -> None:
         """Create the directory (refusing an unwritable one clearly) and save the config."""
