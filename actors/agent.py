@@ -14,9 +14,11 @@ from typing import Any, Sequence
 import ray
 
 from mft_ray.config import ModelConfig
-from mft_ray.debate import TurnBatch, concatenated_contexts, critic_messages, round1_messages, summary_messages
-from mft_ray.engines import Conversation, Engine, EngineError, SamplingParams, make_engine
-from mft_ray.prompts import PromptSet
+from mft_ray.engines import Conversation, Engine, SamplingParams, make_engine
+from mft_ray.errors import EngineError
+from mft_ray.models.builtin import resolve_model_path
+from mft_ray.society.debate import TurnBatch, concatenated_contexts, critic_messages, round1_messages, summary_messages
+from mft_ray.society.prompts import PromptSet
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,9 @@ class AgentActor:
         self.prompts = prompts if isinstance(prompts, PromptSet) else PromptSet(prompts)
         self.load_error: EngineError | None = None
         try:
-            self._engine = make_engine(self.model_cfg, model_path)
+            # A built-in model is built (or found cached) on this node; a served model's name is used as is.
+            local = model_path if self.model_cfg.engine == "openai" else resolve_model_path(model_path)
+            self._engine = make_engine(self.model_cfg, local)
         except EngineError as exc:
             # Raised by the first method call instead (SocietyActors calls info() at once): an error raised
             # here reaches the driver only as text inside ActorDiedError (a remote traceback), while one

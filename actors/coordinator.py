@@ -23,12 +23,12 @@ import ray
 from ray.experimental import tqdm_ray
 
 from mft_ray.config import Config, config_from_dict
-from mft_ray.debate import TurnBatch
 from mft_ray.engines import SamplingParams
-from mft_ray.records import shard_is_complete, split_shards, write_shard
-from mft_ray.society import CRITIC, GENERATOR, SUMMARIZER
+from mft_ray.run.records import shard_is_complete, split_shards, write_shard
+from mft_ray.society.debate import Turn, TurnBatch
+from mft_ray.society.members import CRITIC, GENERATOR, SUMMARIZER
+from mft_ray.society.voting import majority_vote, vote_rng
 from mft_ray.tasks import make_task
-from mft_ray.voting import majority_vote, vote_rng
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ def _group(routes: dict[str, Any], role: str, n_agents: int) -> list[tuple[Any, 
 
 
 def submit_rounds(config: Config, routes: dict[str, Any], iteration: int, split: str, shard: Any,
-                  questions: list[str]) -> dict[str, list]:
-    """Submit every round of a debate over ``questions`` at once; returns ObjectRefs keyed "<round>/<role>".
+                  questions: list[str]) -> dict[Turn, list]:
+    """Submit every round of a debate over ``questions`` at once; returns ObjectRefs keyed by ``Turn``.
 
-    Keys come in the order the rounds run ("1/generator", "2/summarizer", "2/critic", ...), each holding
+    Keys come in the order the rounds run (1/generator, 2/summarizer, 2/critic, ...), each holding
     one ObjectRef per agent (a ``TurnBatch``). Each call is seeded by (seed, iteration, split, shard,
     round, role, agents). Shared by the batch coordinator and the interactive service.
     """
@@ -59,14 +59,14 @@ def submit_rounds(config: Config, routes: dict[str, Any], iteration: int, split:
     def sampling(round_: int, role: str, agents: list[int]) -> SamplingParams:
         return base.derive(iteration, split, shard, round_, role, *agents)
 
-    refs: dict[str, list] = {}
+    refs: dict[Turn, list] = {}
     prev: list = [None] * n_agents
     for actor, idxs in _group(routes, GENERATOR, n_agents):
         out = actor.round1.options(num_returns=len(idxs)).remote(
             questions, idxs, sampling(1, GENERATOR, idxs))
         for n, ref in zip(idxs, _as_list(out, len(idxs))):
             prev[n] = ref
-    refs["1/generator"] = list(prev)
+    refs[Turn(1, GENERATOR)] = list(prev)
     for m in range(2, config.debate.rounds + 1):
         summaries: list = []
         if summarize:
@@ -74,7 +74,7 @@ def submit_rounds(config: Config, routes: dict[str, Any], iteration: int, split:
             out = routes[SUMMARIZER].summarize.options(num_returns=n_agents).remote(
                 questions, everyone, sampling(m, SUMMARIZER, everyone), *prev)
             summaries = _as_list(out, n_agents)
-            refs[f"{m}/summarizer"] = summaries
+            refs[Turn(m, SUMMARIZER)] = summaries
         new: list = [None] * n_agents
         for actor, idxs in _group(routes, CRITIC, n_agents):
             extra = [summaries[n] for n in idxs] if summarize else []
@@ -82,7 +82,7 @@ def submit_rounds(config: Config, routes: dict[str, Any], iteration: int, split:
                 questions, idxs, sampling(m, CRITIC, idxs), summarize, *prev, *extra)
             for n, ref in zip(idxs, _as_list(out, len(idxs))):
                 new[n] = ref
-        refs[f"{m}/critic"] = list(new)
+        refs[Turn(m, CRITIC)] = list(new)
         prev = new
     return refs
 
@@ -121,26 +121,25 @@ class DebateCoordinator:
         logger.info("debate %s iter %d done: %s", split, iteration, stats)
         return stats
 
-    def _submit(self, iteration: int, split: str, shard: int, questions: list[str]) -> dict[str, list]:
+    def _submit(self, iteration: int, split: str, shard: int, questions: list[str]) -> dict[Turn, list]:
         """Submit every round of one shard; returns ObjectRefs keyed by round and role."""
         return submit_rounds(self.config, self.routes, iteration, split, shard, questions)
 
     def _finish(self, iteration: int, split: str, out_dir: str, shard: int,
-                problems: list[tuple[str, str]], refs: dict[str, list], total: int) -> None:
+                problems: list[tuple[str, str]], refs: dict[Turn, list], total: int) -> None:
         """Fetch one shard's texts, vote on the final round, write the shard atomically."""
-        batches: dict[str, list[TurnBatch]] = {key: ray.get(v) for key, v in refs.items()}
-        final_key = max(batches, key=lambda k: (int(k.split("/")[0]), k.endswith("critic")))
+        batches: dict[Turn, list[TurnBatch]] = {turn: ray.get(v) for turn, v in refs.items()}
+        final = max(batches)
         rows = []
         for i, (pid, _) in enumerate(problems):
-            finals = [self.task.extract_answer(b.responses[i]) for b in batches[final_key]]
+            finals = [self.task.extract_answer(b.responses[i]) for b in batches[final]]
             vote = majority_vote(finals, self.task.equivalent, vote_rng(self.config.seed, pid))
-            for key, per_agent in batches.items():
-                round_, role = key.split("/")
+            for turn, per_agent in batches.items():
                 for n, batch in enumerate(per_agent):
-                    answer = None if role == SUMMARIZER else self.task.extract_answer(batch.responses[i])
+                    answer = None if turn.role == SUMMARIZER else self.task.extract_answer(batch.responses[i])
                     rows.append({
-                        "iteration": iteration, "split": split, "problem_id": pid, "agent": n, "role": role,
-                        "round": int(round_), "messages": batch.messages[i], "response": batch.responses[i],
+                        "iteration": iteration, "split": split, "problem_id": pid, "agent": n, "role": turn.role,
+                        "round": turn.round, "messages": batch.messages[i], "response": batch.responses[i],
                         "answer": answer, "majority": vote.answer, "tie": vote.tie,
                         "consensus": vote.consensus,
                     })

@@ -4,7 +4,7 @@ Each finetune is its own TorchTrainer with its own ScalingConfig. Their ``fit()`
 separate Ray tasks, so the finetunes run concurrently when the cluster has room; a finetune whose
 workers cannot be placed yet waits for resources that earlier finetunes release (Ray Train queues
 its worker group). A finished finetune is recognised by its exported checkpoint (checked whole,
-``mft_ray.checkpoints``) and skipped.
+``mft_ray.training.export``) and skipped.
 
 Failures: the training loop reports a checkpoint of its full training state to Ray Train at every
 epoch end (``finetune.checkpoint_every_steps`` adds more). If a worker dies, Ray Train restarts the
@@ -20,42 +20,18 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from mft_ray.checkpoints import METRICS_NAME, checkpoint_is_complete, checkpoint_problem
+from mft_ray.errors import FinetuneError
+from mft_ray.training.export import checkpoint_is_complete, checkpoint_problem, read_train_metrics
+from mft_ray.training.spec import FinetuneJob
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FinetuneError", "FinetuneJob", "check_finetunes_fit", "checkpoint_is_complete", "read_train_metrics",
-           "run_finetunes"]
-
-
-class FinetuneError(RuntimeError):
-    """A finetune failed for good (its workers died more than ``finetune.max_failures`` times, or raised)."""
-
-
-@dataclass
-class FinetuneJob:
-    """One agent's finetune: where it starts, what it learns from, where its checkpoint goes."""
-
-    name: str  # e.g. "generator_0"
-    init_path: str
-    data_path: str
-    output_dir: str
-    hyper: dict[str, Any] = field(default_factory=dict)  # learning_rate, epochs, ... (see training.loop)
-    iteration: int | None = None  # for messages only
-
-    def describe(self) -> str:
-        return f"{self.name} of iteration {self.iteration}" if self.iteration is not None else \
-            f"{self.name} ({self.output_dir})"
-
-
-def read_train_metrics(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / METRICS_NAME).read_text())
+__all__ = ["FinetuneError", "check_finetunes_fit", "checkpoint_is_complete", "run_finetunes"]
 
 
 def _partial_export(job: FinetuneJob) -> Path:
@@ -93,8 +69,7 @@ def _fit(job: FinetuneJob, workers: int, cpus: float, gpus: float, max_failures:
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**job.hyper, "init_path": job.init_path, "data_path": job.data_path,
-                           "output_dir": job.output_dir, "name": job.name},
+        train_loop_config=job.to_loop_config(),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(name=job.name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures),
@@ -136,7 +111,8 @@ def check_finetunes_fit(workers: int, cpus_per_worker: float, gpus_per_worker: f
     Ray Train queues a worker group that does not fit and waits, without a time limit, for resources
     that may never come; finetunes that merely have to take turns are fine.
     """
-    from actors.placement import PlacementError, alive_node_resources, physical, unmet
+    from actors.placement import alive_node_resources, physical, unmet
+    from mft_ray.errors import PlacementError
 
     bundle = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
     why = unmet([bundle] * workers, physical(ray.cluster_resources()), alive_node_resources())

@@ -9,11 +9,9 @@ from collections import Counter
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from mft_ray.errors import PlacementError
+
 logger = logging.getLogger(__name__)
-
-
-class PlacementError(RuntimeError):
-    """The cluster cannot hold the requested actors; the message says what was asked and what exists."""
 
 
 def _fmt(resources: dict[str, float]) -> str:

@@ -34,35 +34,19 @@ import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from actors.coordinator import submit_rounds
-from actors.society import SocietyActors
-from mft_ray.config import Config, ConfigError, config_from_dict
-from mft_ray.interactive import (ERROR, FINAL, START, Event, EventStream, StreamRegistry, question_key,
-                                 turn_event)
-from mft_ray.society import Member, society_members
+from actors.group import SocietyGroup, member_paths
+from mft_ray.config import Config, config_from_dict
+from mft_ray.errors import ServiceError, root_cause
+from mft_ray.society.events import ERROR, FINAL, START, Event, EventStream, StreamRegistry, question_key, turn_event
+from mft_ray.society.members import SUMMARIZER, Member
+from mft_ray.society.voting import majority_vote, vote_rng
 from mft_ray.tasks import make_task
-from mft_ray.voting import majority_vote, vote_rng
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "mft"
 DEFAULT_NAME = "mft-debate"
 SPLIT = "interactive"  # the split name in the seeds of interactive questions
-
-
-class ServiceError(ConfigError):
-    """No service by that name, one already running, or the service died; the message says which.
-
-    A ConfigError, so the command line reports it as bad input (exit code 2)."""
-
-
-def _cause(exc: BaseException) -> BaseException:
-    # Ray wraps a remote error once per hop; its .cause is the error the agent raised.
-    for _ in range(16):
-        cause = getattr(exc, "cause", None)
-        if not isinstance(cause, BaseException) or cause is exc:
-            break
-        exc = cause
-    return exc
 
 
 @ray.remote(num_cpus=0)
@@ -139,7 +123,6 @@ class DebateService:
             refs = submit_rounds(self.config, self.routes, self.iteration, SPLIT, key, [question])
             finals: list[str | None] = []
             for turn, per_agent in refs.items():  # rounds in the order they run
-                role = turn.split("/")[1]
 
                 async def one(n: int, ref: Any) -> tuple[int, Any]:
                     return n, await ref
@@ -149,10 +132,10 @@ class DebateService:
                 for done in asyncio.as_completed([one(n, r) for n, r in enumerate(per_agent)]):
                     n, batch = await done
                     text = batch.responses[0]
-                    answer = None if role == "summarizer" else self.task.extract_answer(text)
+                    answer = None if turn.role == SUMMARIZER else self.task.extract_answer(text)
                     answers[n] = answer
                     stream.append(turn_event(turn, n, text, answer))
-                if role != "summarizer":
+                if turn.role != SUMMARIZER:
                     finals = [answers[n] for n in range(len(per_agent))]
             vote = majority_vote(finals, self.task.equivalent, vote_rng(self.config.seed, key))
             stream.append({"type": FINAL, "answer": vote.answer, "votes": vote.votes, "tie": vote.tie,
@@ -160,7 +143,7 @@ class DebateService:
             logger.info("question %s answered: %s (consensus %.2f)", stream.question_id, vote.answer,
                         vote.consensus)
         except Exception as exc:  # noqa: BLE001 - the asker must get an end to its stream, whatever failed
-            cause = _cause(exc)
+            cause = root_cause(exc)
             logger.exception("question %s failed", stream.question_id)
             message = " ".join(str(cause).split()) or type(cause).__name__
             stream.append({"type": ERROR, "message": f"{type(cause).__name__}: {message}"})
@@ -189,9 +172,8 @@ def start_service(config: Config, iteration: int = 0, model_paths: dict[Member, 
     if _find(name, namespace) is not None:
         raise ServiceError(f"a debate service named {name!r} already runs in namespace {namespace!r}; "
                            f"stop it first (mft stop --name {name}) or choose another --name")
-    paths = {str(m): (model_paths or {}).get(m, config.model.path)
-             for m in society_members(config.debate.agents, config.debate.summarize)}
-    society = SocietyActors(config, model_paths, name=name, detached=True)
+    paths = member_paths(config, model_paths)
+    society = SocietyGroup(config, model_paths, name=name, detached=True)
     service = None
     try:
         service = DebateService.options(name=name, lifetime="detached").remote(
@@ -221,7 +203,7 @@ def stop_service(name: str = DEFAULT_NAME, namespace: str = NAMESPACE) -> dict[s
             described = ray.get(service.describe.remote(), timeout=30)
             agents, pg = list(described["agent_actors"]), described["placement_group"]
         except Exception as exc:  # noqa: BLE001 - a dead or stuck service is still stopped below
-            logger.warning("service %r did not describe itself (%s); cleaning up by name", name, _cause(exc))
+            logger.warning("service %r did not describe itself (%s); cleaning up by name", name, root_cause(exc))
         ray.kill(service)
     prefix = f"{name}-agent-"
     for entry in ray.util.list_named_actors(all_namespaces=True):
@@ -290,10 +272,6 @@ class DebateClient:
             last = event
         return last
 
-    def answer(self, question: str, seed: int = 0, timeout_s: float | None = None) -> Event:
-        """Only the final event."""
-        return self.ask_with_callback(question, lambda event: None, seed=seed, timeout_s=timeout_s)
-
     def _get(self, ref: Any) -> Any:
         try:
             return ray.get(ref)
@@ -301,7 +279,7 @@ class DebateClient:
             raise ServiceError(f"the debate service {self.name!r} in namespace {self.namespace!r} is gone "
                                f"({type(exc).__name__}); restart it with mft serve") from None
         except ray.exceptions.RayTaskError as exc:
-            raise _cause(exc) from None
+            raise root_cause(exc) from None
 
 
 # Ray Client's proxier starts one server process per connecting client, and that process can die as it is

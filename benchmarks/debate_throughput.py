@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def sequential(engine, problems, prompts, agents, rounds, sampling):
     """The authors' structure: for each problem, for each round, for each agent, one generate call."""
-    from mft_ray.debate import TurnBatch, critic_messages, round1_messages, summary_messages
+    from mft_ray.society.debate import TurnBatch, critic_messages, round1_messages, summary_messages
 
     calls = 0
     for p in problems:
@@ -60,12 +60,12 @@ def main() -> None:
     import ray
     import torch
 
-    from actors.launch import debate_split
+    from actors.runtime import RayRuntime
     from mft_ray.config import load_config
     from mft_ray.engines import SamplingParams, make_engine
-    from mft_ray.models import build_tiny_llama
-    from mft_ray.prompts import PromptSet
-    from mft_ray.records import read_records
+    from mft_ray.models.tiny import build_tiny_llama
+    from mft_ray.run.records import read_records
+    from mft_ray.society.prompts import PromptSet
     from mft_ray.tasks import make_splits, make_task
 
     work = Path(tempfile.mkdtemp(prefix="mft-bench-"))
@@ -88,7 +88,7 @@ def main() -> None:
     # (b) the coordinator, society start-up included.
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     t = time.perf_counter()
-    debate_split(config, 0, "finetune", problems, work / "debate")
+    RayRuntime().debate(config, 0, "finetune", problems, str(work / "debate"))
     coordinator_s = time.perf_counter() - t
     ray.shutdown()
     table = read_records(work / "debate")

@@ -70,7 +70,7 @@ def expected_keys(problem_ids: list[str], agents: int, rounds: int, summarize: b
 
 def lost_and_duplicated(directory: Path, problem_ids: list[str], agents: int = 3, rounds: int = 2,
                         summarize: bool = True) -> tuple[int, int]:
-    from mft_ray.records import read_records
+    from mft_ray.run.records import read_records
 
     want = expected_keys(problem_ids, agents, rounds, summarize)
     try:
@@ -82,7 +82,7 @@ def lost_and_duplicated(directory: Path, problem_ids: list[str], agents: int = 3
 
 
 def _records_of(directory: Path) -> list[tuple]:
-    from mft_ray.records import read_records
+    from mft_ray.run.records import read_records
 
     return [(r["problem_id"], r["agent"], r["role"], r["round"], r["response"])
             for r in read_records(directory).to_pylist()]
@@ -96,10 +96,10 @@ def agent_kills(work: Path, model: str) -> dict[str, Any]:
     import ray
 
     from actors.coordinator import DebateCoordinator
-    from actors.launch import debate_split
-    from actors.society import SocietyActors
+    from actors.group import SocietyGroup
+    from actors.runtime import RayRuntime
     from mft_ray.config import load_config
-    from mft_ray.records import shard_path
+    from mft_ray.run.records import shard_path
     from mft_ray.tasks import make_splits, make_task
 
     config = load_config(REPO / "jobs/configs/iterate_cpu.yaml", [
@@ -108,7 +108,7 @@ def agent_kills(work: Path, model: str) -> dict[str, Any]:
         "resources.num_cpus_per_agent=0.25"])
     problems = make_splits(make_task(config.task), config.task).finetune
     out = work / "agent" / "killed"
-    society = SocietyActors(config, name="faults-bench")
+    society = SocietyGroup(config, name="faults-bench")
     injected, survived, restarted = 0, 0, []
     try:
         coordinator = DebateCoordinator.remote(config.to_dict(), society.routes)
@@ -128,7 +128,7 @@ def agent_kills(work: Path, model: str) -> dict[str, Any]:
     finally:
         society.shutdown()
     lost, dup = lost_and_duplicated(out, [p.id for p in problems])
-    debate_split(config, 0, "finetune", problems, work / "agent" / "clean")
+    RayRuntime().debate(config, 0, "finetune", problems, str(work / "agent" / "clean"))
     equal = _records_of(out) == _records_of(work / "agent" / "clean")
     if alive_again and lost == 0 and dup == 0 and equal:
         survived = injected
@@ -139,8 +139,9 @@ def agent_kills(work: Path, model: str) -> dict[str, Any]:
 def train_worker_kills(work: Path, model: str) -> dict[str, Any]:
     import ray
 
-    from actors.finetune import FinetuneError, _fit
+    from actors.finetune import _fit
     from jobs.common import unwrap_ray_error
+    from mft_ray.errors import FinetuneError
     from tests.test_faults import _finetune_job, _kill_worker_after_first_checkpoint
     from tests.test_iterate import _differs, _params
 
@@ -253,9 +254,10 @@ def driver_kills(work: Path, model: str, reference: Path) -> dict[str, Any]:
 
 def corrupt_files(run: Path, model: str, reference: Path) -> dict[str, Any]:
     """Truncate one file of each kind in a finished run, rerun it, check each was redone."""
-    from mft_ray.checkpoints import checkpoint_problem
-    from mft_ray.records import read_json_checked, read_records, read_sealed_json
-    from mft_ray.rundir import RunDir
+    from mft_ray.run.files import read_json_checked, read_sealed_json
+    from mft_ray.run.records import read_records
+    from mft_ray.run.rundir import RunDir
+    from mft_ray.training.export import checkpoint_problem
 
     def truncate(path: Path, keep: float = 0.5) -> None:
         data = path.read_bytes()
@@ -341,7 +343,8 @@ def main() -> None:
     import ray
     import torch
 
-    from mft_ray.models import build_tiny_llama, resolve_model_path
+    from mft_ray.models.builtin import resolve_model_path
+    from mft_ray.models.tiny import build_tiny_llama
 
     work = Path(args.work or tempfile.mkdtemp(prefix="mft-faults-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mft_ray.training.spec import TrainingSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def plain_torch(model_dir: str, data: str, hyper: dict) -> float:
+def plain_torch(model_dir: str, data: str, spec: TrainingSpec) -> float:
     """The same training with a bare torch loop: no Ray, no DeepSpeed, no distributed setup."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -35,13 +39,13 @@ def plain_torch(model_dir: str, data: str, hyper: dict) -> float:
     start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    encoded = [e for e in (encode_example(tok, ex["messages"], hyper["max_length"]) for ex in read_examples(data)) if e]
-    opt = torch.optim.AdamW(model.parameters(), lr=hyper["learning_rate"], weight_decay=hyper["weight_decay"])
+    encoded = [e for e in (encode_example(tok, ex["messages"], spec.max_length) for ex in read_examples(data)) if e]
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
     model.train()
-    for epoch in range(hyper["epochs"]):
+    for epoch in range(spec.epochs):
         random.Random(epoch).shuffle(encoded)
-        for i in range(0, len(encoded), hyper["batch_size"]):
-            loss = model(**collate(encoded[i:i + hyper["batch_size"]], tok.pad_token_id)).loss
+        for i in range(0, len(encoded), spec.batch_size):
+            loss = model(**collate(encoded[i:i + spec.batch_size], tok.pad_token_id)).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -59,10 +63,11 @@ def main() -> None:
 
     import ray
 
-    from actors.finetune import FinetuneJob, run_finetunes
-    from mft_ray.models import build_tiny_llama
-    from mft_ray.prompts import PromptSet
-    from mft_ray.testbed import ARITH_INSTRUCTION, MINI_TESTBED, debate_conversations
+    from actors.finetune import run_finetunes
+    from mft_ray.models.testbed import ARITH_INSTRUCTION, MINI_TESTBED, debate_conversations
+    from mft_ray.models.tiny import build_tiny_llama
+    from mft_ray.society.prompts import PromptSet
+    from mft_ray.training.spec import FinetuneJob, TrainingSpec
 
     work = Path(tempfile.mkdtemp(prefix="mft-ftbench-"))
     model = str(build_tiny_llama(work / "model"))
@@ -73,15 +78,15 @@ def main() -> None:
             rows.append({"problem_id": str(len(rows)), "messages": conv})
     data = work / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[: args.examples]))
-    hyper = dict(learning_rate=1e-3, epochs=args.epochs, batch_size=8, grad_accum=1, weight_decay=0.0,
-                 warmup_ratio=0.0, max_length=1024, zero_stage=2, bf16=False, gradient_checkpointing=False,
-                 trust_remote_code=False, seed=0)
+    spec = TrainingSpec(learning_rate=1e-3, epochs=args.epochs, batch_size=8, grad_accum=1, weight_decay=0.0,
+                        warmup_ratio=0.0, max_length=1024, zero_stage=2, bf16=False, gradient_checkpointing=False,
+                        trust_remote_code=False, seed=0, checkpoint_every_steps=0)
     names = [f"{r}_{n}" for r in ("generator", "critic") for n in range(args.agents)]
 
     def jobs(tag: str) -> list:
-        return [FinetuneJob(n, model, str(data), str(work / tag / n), hyper) for n in names]
+        return [FinetuneJob(n, model, str(data), str(work / tag / n), spec) for n in names]
 
-    plain_s = plain_torch(model, str(data), hyper)
+    plain_s = plain_torch(model, str(data), spec)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     run_finetunes(jobs("warmup")[:1], cpus_per_worker=args.cpus_per_worker)  # DeepSpeed op load, worker start
     t = time.perf_counter()
@@ -96,7 +101,7 @@ def main() -> None:
     per_finetune = sequential_s / len(names)
     print(json.dumps({
         "benchmark": "finetune_concurrency", "finetunes": len(names), "examples": args.examples,
-        "epochs": args.epochs, "batch_size": hyper["batch_size"], "zero_stage": 2,
+        "epochs": args.epochs, "batch_size": spec.batch_size, "zero_stage": 2,
         "sequential_s": round(sequential_s, 2), "concurrent_s": round(concurrent_s, 2),
         "concurrency_speedup": round(sequential_s / concurrent_s, 2), "plain_torch_s": round(plain_s, 2),
         "ray_deepspeed_per_finetune_s": round(per_finetune, 2),

@@ -36,15 +36,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mft_ray.config import load_config
-    from mft_ray.debate import round1_messages
-    from mft_ray.engines.base import SamplingParams, make_engine
-    from mft_ray.models import resolve_model_path
-    from mft_ray.prompts import PromptSet
+    from mft_ray.engines import SamplingParams, make_engine
+    from mft_ray.models.builtin import resolve_model_path
+    from mft_ray.models.testbed import is_hasty
+    from mft_ray.society.debate import round1_messages
+    from mft_ray.society.prompts import PromptSet
+    from mft_ray.society.voting import majority_vote, vote_rng
     from mft_ray.tasks.registry import make_task
     from mft_ray.tasks.splits import make_splits
     from mft_ray.training.tokenize import collate, encode_example
-    from mft_ray.testbed import is_hasty
-    from mft_ray.voting import majority_vote, vote_rng
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="jobs/configs/demo_cpu.yaml")

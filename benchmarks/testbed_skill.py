@@ -29,14 +29,14 @@ def main() -> None:
     import torch
 
     from mft_ray.config import BUILTIN_PREFIX, load_config
-    from mft_ray.debate import round1_messages
-    from mft_ray.engines.base import SamplingParams, make_engine
-    from mft_ray.evaluation import accuracy_with_stderr
-    from mft_ray.models import builtin_model_dir, resolve_model_path
-    from mft_ray.prompts import PromptSet
+    from mft_ray.engines import SamplingParams, make_engine
+    from mft_ray.metrics.accuracy import accuracy_with_stderr
+    from mft_ray.models.builtin import builtin_model_dir, resolve_model_path
+    from mft_ray.society.debate import round1_messages
+    from mft_ray.society.prompts import PromptSet
+    from mft_ray.society.voting import majority_vote, vote_rng
     from mft_ray.tasks.registry import make_task
     from mft_ray.tasks.splits import make_splits
-    from mft_ray.voting import majority_vote, vote_rng
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="jobs/configs/demo_cpu.yaml")

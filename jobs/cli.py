@@ -26,8 +26,15 @@ import sys
 from typing import Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from jobs.common import EXIT_INPUT, parse_config, preflight, run_cli
-from mft_ray.config import ConfigError, load_config
+from jobs.common import parse_config, run_cli
+from mft_ray.config import load_config
+from mft_ray.errors import EXIT_INPUT, ConfigError, EngineError
+from mft_ray.methods.registry import method_config
+from mft_ray.run.preflight import check_config
+from mft_ray.run.rundir import RunDir
+from mft_ray.run.status import format_status, run_status
+from mft_ray.society.events import ERROR, format_event
+from mft_ray.stages import society_paths
 
 DEFAULT_NAME, NAMESPACE = "mft-debate", "mft"  # as actors.service (not imported here: it pulls in Ray)
 
@@ -94,6 +101,7 @@ def _probe(address: str) -> None:
 
 
 def _connect(address: str | None, namespace: str) -> None:
+    # The Ray layer is imported by the commands that use it only: `mft status` and `--help` need no Ray.
     from actors.service import connect
 
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
@@ -124,14 +132,11 @@ def _serve(argv: Sequence[str]) -> None:
     if args.run_dir is None:
         config = parse_config(args)
     else:
-        from jobs.iterate import society_paths
-        from mft_ray.rundir import RunDir
-
         run = RunDir(args.run_dir)
         if not run.root.is_dir():
             raise ConfigError(f"--run-dir: no such directory: {args.run_dir}")
-        source = args.config or run.root / "config.yaml"
-        if args.config is None and not (run.root / "config.yaml").is_file():
+        source = args.config or run.config_path
+        if args.config is None and not run.config_path.is_file():
             raise ConfigError(f"--run-dir {args.run_dir} has no config.yaml; pass --config")
         config = load_config(source, [*args.overrides, f"run_dir={run.root}"])
         built = [it for it in range(1, config.finetune.iterations + 1) if run.read_society(it, repair=False) is not None]
@@ -142,11 +147,9 @@ def _serve(argv: Sequence[str]) -> None:
             raise ConfigError(f"--iteration {iteration}: society {iteration} is not built in {run.root} "
                               f"({run.society_path(iteration)} is missing or broken)")
         paths = society_paths(config, run, iteration, repair=False)
-    from mft_ray.methods import method_config
-
     # The society serves as the method evaluates: its agents, rounds, summarizer, temperature.
     config = method_config(config, "evaluate")
-    preflight(config)
+    check_config(config)
     _connect(args.address, args.namespace)
     from actors.service import start_service
 
@@ -174,8 +177,6 @@ def _ask(argv: Sequence[str]) -> None:
         raise ConfigError(f"--timeout must be > 0, got {args.timeout:g}")
     _connect(args.address, args.namespace)
     from actors.service import attach
-    from mft_ray.engines.base import EngineError
-    from mft_ray.interactive import ERROR, format_event
 
     client = attach(args.name, args.namespace)
     try:
@@ -210,7 +211,6 @@ def _status(argv: Sequence[str]) -> None:
     parser.add_argument("run_dir", help="the run directory (run_dir of the config)")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(argv)
-    from mft_ray.run_status import format_status, run_status
 
     status = run_status(args.run_dir)
     print(json.dumps(status, indent=2) if args.json else format_status(status))

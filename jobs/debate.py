@@ -11,11 +11,13 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from jobs.common import base_parser, build_builtin_model, init_ray, parse_config, preflight, run_cli
+from actors.runtime import RayRuntime
+from jobs.common import base_parser, build_builtin_model, init_ray, parse_config, run_cli
+from mft_ray import stages
 from mft_ray.config import Config
-from mft_ray.preflight import require_problems
-from mft_ray.methods import check_run_method
-from mft_ray.rundir import RunDir
+from mft_ray.methods.registry import method_config
+from mft_ray.run.preflight import check_config, require_problems
+from mft_ray.run.rundir import RunDir
 from mft_ray.tasks import make_splits, make_task
 
 logger = logging.getLogger("mft_ray.jobs.debate")
@@ -23,21 +25,19 @@ logger = logging.getLogger("mft_ray.jobs.debate")
 
 def main(config: Config, split: str = "finetune", iteration: int = 0) -> dict[str, Any]:
     """Run the debate of iteration ``iteration``'s society over ``split``; returns run statistics."""
-    from actors.launch import debate_split
-    from mft_ray.methods import method_config
-
+    check_config(config)
     given, config = config, method_config(config, "collect" if split == "finetune" else "evaluate")
     run = RunDir(config.run_dir)
-    check_run_method(run.root, config.method)
+    run.check_method(config.method)
     task = make_task(config.task)
     splits = make_splits(task, config.task)
     problems = splits.finetune if split == "finetune" else splits.eval
     require_problems(problems, split)
-    preflight(config)
     build_builtin_model(config.model.path)
     run.prepare(given)
     init_ray()
-    stats = debate_split(config, iteration, split, problems, run.debate_dir(iteration, split))
+    stats = stages.debate_split(RayRuntime(), config, run, iteration, split, problems,
+                                stages.society_paths(config, run, iteration))
     logger.info("records in %s", run.debate_dir(iteration, split))
     return stats
 

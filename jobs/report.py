@@ -19,29 +19,25 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 
 from jobs.common import run_cli
-from mft_ray.config import ConfigError
-from mft_ray.figures import FIGURE1, FIGURE3, FIGURE4, FIGURE5, write_figures
-from mft_ray.multirun import Run, run_markdown, table1_markdown, task_title, transfer_markdown
-from mft_ray.records import write_text_atomic
+from mft_ray.errors import ConfigError, ReportInputError
+from mft_ray.reports.figures import FIGURE1, FIGURE3, FIGURE4, FIGURE5, write_figures
+from mft_ray.reports.tables import Run, run_markdown, table1_markdown, task_title, transfer_markdown
+from mft_ray.run.files import write_text_atomic
+from mft_ray.run.rundir import RunDir
 
 logger = logging.getLogger("mft_ray.jobs.report")
 
 REPORT_NAME = "report.md"
 
 
-class ReportInputError(ConfigError):
-    """A run directory given to the report is missing or holds no readable results (exit code 2)."""
-
-
 def load_run(run_dir: str | Path) -> Run:
     """One run directory's metrics.json and config.yaml; ReportInputError naming the path otherwise."""
-    root = Path(run_dir).expanduser().absolute()
+    rundir = RunDir(run_dir)
+    root, metrics, config = rundir.root, rundir.summary_path, rundir.config_path
     if not root.is_dir():
         raise ReportInputError(f"--run-dir: no such run directory: {root}")
-    metrics, config = root / "metrics.json", root / "config.yaml"
     if not metrics.is_file():
         raise ReportInputError(f"{metrics} is missing: run jobs.iterate or jobs.evaluate on {root} first")
     try:
@@ -51,8 +47,8 @@ def load_run(run_dir: str | Path) -> Run:
     if not config.is_file():
         raise ReportInputError(f"{config} is missing: {root} is not a complete run directory")
     try:
-        saved = yaml.safe_load(config.read_text()) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        saved = rundir.saved_config()
+    except ConfigError as exc:
         raise ReportInputError(f"{config} is not readable YAML: {exc}") from None
     if not isinstance(summary, dict) or not isinstance(saved, dict):
         raise ReportInputError(f"{metrics} or {config} does not hold a mapping")

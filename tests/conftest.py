@@ -60,7 +60,7 @@ def kill_session(session: int, timeout: float = 60.0) -> None:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A randomly initialised 2-layer Llama with a byte tokenizer and chat template, saved locally."""
-    from mft_ray.models import build_tiny_llama
+    from mft_ray.models.tiny import build_tiny_llama
 
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
@@ -68,7 +68,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def testbed_mini(tmp_path_factory) -> str:
     """The mini testbed (pretrained ~30 s on arithmetic debate turns): its answers parse and agree."""
-    from mft_ray.testbed import MINI_TESTBED, pretrain
+    from mft_ray.models.testbed import MINI_TESTBED, pretrain
 
     return str(pretrain(tmp_path_factory.mktemp("testbed-mini"), MINI_TESTBED))
 

@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import common
-from jobs.common import EXIT_ENGINE, EXIT_INPUT, EXIT_RESOURCES, run_cli
-from mft_ray.config import ConfigError
-from mft_ray.engines.base import EngineError
+from jobs.common import run_cli
+from mft_ray.errors import EXIT_INPUT, EXIT_MODEL, EXIT_RESOURCES
+from mft_ray.errors import ConfigError, EngineError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "jobs" / "configs" / "tiny_cpu.yaml")
@@ -291,7 +291,7 @@ def test_endpoint_check_can_be_turned_off(monkeypatch: pytest.MonkeyPatch,
 
 def test_endpoint_behind_a_proxy_is_left_to_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
     # The HTTP client goes through the proxy, so a direct connection proves nothing either way.
-    from mft_ray.preflight import check_endpoint
+    from mft_ray.run.preflight import check_endpoint
 
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -363,7 +363,7 @@ def test_iterate_refuses_a_finetune_bigger_than_the_cluster_before_any_debate(
     def no_debate(*args, **kwargs):
         raise AssertionError("debated before checking the finetunes fit")
 
-    monkeypatch.setattr(iterate, "evaluate_society", no_debate)
+    monkeypatch.setattr(iterate.stages, "evaluate_society", no_debate)
     monkeypatch.setattr(common, "setup_logging", lambda: None)
     run_dir = tmp_path / "run"
     start = time.monotonic()
@@ -401,7 +401,7 @@ def test_engine_errors_from_the_cluster_are_one_line(hops: int, capsys: pytest.C
     def main(argv):
         raise error
 
-    assert run_cli(main, []) == EXIT_ENGINE
+    assert run_cli(main, []) == EXIT_MODEL
     err = capsys.readouterr().err
     assert err == ("error: POST http://127.0.0.1:9/v1/chat/completions failed after 6 attempt(s); "
                    "last error: ConnectionRefusedError\n")
@@ -409,7 +409,7 @@ def test_engine_errors_from_the_cluster_are_one_line(hops: int, capsys: pytest.C
 
 def test_placement_errors_exit_3_and_unexpected_errors_keep_their_traceback(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from actors.placement import PlacementError
+    from mft_ray.errors import PlacementError
 
     monkeypatch.setattr(common, "setup_logging", lambda: None)
 

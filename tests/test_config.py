@@ -9,7 +9,6 @@ import yaml
 
 from mft_ray.config import (
     Config,
-    ConfigError,
     DebateConfig,
     ModelConfig,
     TaskConfig,
@@ -18,7 +17,9 @@ from mft_ray.config import (
     load_config,
     parse_overrides,
 )
-from mft_ray.rundir import RunDir
+from mft_ray.errors import ConfigError
+from mft_ray.run.preflight import check_config
+from mft_ray.run.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
@@ -162,8 +163,9 @@ def test_float_setting_accepts_int_but_int_setting_refuses_float() -> None:
     ],
 )
 def test_bad_override_names_the_setting(override: str, pattern: str) -> None:
+    # Field checks run when the config is built; names and paths outside it in the driver's preflight.
     with pytest.raises(ConfigError, match=pattern):
-        load_config(None, [override])
+        check_config(load_config(None, [override]))
 
 
 def test_override_below_a_scalar_setting() -> None:
@@ -182,22 +184,25 @@ def test_non_arithmetic_task_requires_path() -> None:
 
 def test_model_dir_without_config_json(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model\.path: .* is not a Hugging Face model \(no config\.json\)"):
-        load_config(None, [f"model.path={tmp_path}"])
+        check_config(load_config(None, [f"model.path={tmp_path}"]))
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     (tmp_path / "model.safetensors").write_bytes(b"")  # only its presence is checked here
     assert load_config(None, [f"model.path={tmp_path}"]).model.path == str(tmp_path)
+    check_config(load_config(None, [f"model.path={tmp_path}"]))
 
 
 def test_hub_id_is_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # so that no local org/name directory can exist
     assert load_config(None, ["model.path=org/name"]).model.path == "org/name"
+    check_config(load_config(None, ["model.path=org/name"]))
     # ...but a three-part relative path is a local path, and it does not exist.
     with pytest.raises(ConfigError, match=r"model\.path: model directory does not exist"):
-        load_config(None, ["model.path=a/b/c"])
+        check_config(load_config(None, ["model.path=a/b/c"]))
 
 
 def test_builtin_model_is_accepted() -> None:
     assert load_config(None, ["model.path=builtin:tiny-random"]).model.path == "builtin:tiny-random"
+    check_config(load_config(None, ["model.path=builtin:tiny-random"]))
 
 
 def test_dataclasses_validate_when_built_directly() -> None:

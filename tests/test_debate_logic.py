@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mft_ray.debate import (
+from mft_ray.engines.base import SamplingParams
+from mft_ray.society.debate import (
+    Turn,
     TurnBatch,
     concatenated_contexts,
     critic_messages,
@@ -12,8 +14,7 @@ from mft_ray.debate import (
     round1_messages,
     summary_messages,
 )
-from mft_ray.engines.base import SamplingParams
-from mft_ray.prompts import PromptSet
+from mft_ray.society.prompts import PromptSet
 
 PROMPTS = PromptSet(answer_instruction="End with \\boxed{x}.")
 QUESTIONS = ["What is 1+1?", "What is 2*3?"]
@@ -176,7 +177,7 @@ def test_derived_seed_fits_32_bits_and_is_stable() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt styles (mft_ray.methods picks one per method)
+# Prompt styles (mft_ray.methods.registry picks one per method)
 
 
 def test_default_style_texts_are_the_ones_the_testbeds_were_trained_on() -> None:
@@ -237,3 +238,15 @@ def test_star_hint_prompt_holds_question_answer_and_instruction() -> None:
     text = PROMPTS_PLAIN.rationalize("What is 2+2?", "4")
     assert text.startswith("What is 2+2?\n") and "the correct final answer is 4." in text
     assert text.endswith("End with \\boxed{x}.")
+
+
+def test_turns_sort_in_the_order_they_run() -> None:
+    turns = [Turn(1, "generator")] + [Turn(m, r) for m in (2, 3) for r in ("summarizer", "critic")]
+    assert sorted(reversed(turns)) == turns
+    assert max(turns) == Turn(3, "critic")  # the final turn, the one voted on
+    assert max(turns[:1]) == Turn(1, "generator")  # a one-round debate
+    assert max([Turn(2, "critic"), Turn(2, "summarizer")]) == Turn(2, "critic")
+    assert str(Turn(2, "summarizer")) == "2/summarizer"
+    assert len({Turn(1, "generator"), Turn(1, "generator")}) == 1
+    with pytest.raises(ValueError, match="role"):
+        Turn(1, "judge")

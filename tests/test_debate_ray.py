@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from mft_ray.config import load_config
-from mft_ray.prompts import PromptSet
-from mft_ray.records import read_records, shard_path
+from mft_ray.run.records import read_records, shard_path
+from mft_ray.society.prompts import PromptSet
 from mft_ray.tasks import make_splits, make_task
 
 pytestmark = pytest.mark.integration
@@ -26,12 +26,12 @@ def _config(tmp_path, tiny_model, **over):
 
 
 def _run(config):
-    from actors.launch import debate_split
+    from actors.runtime import RayRuntime
 
     task = make_task(config.task)
     problems = make_splits(task, config.task).finetune
     out = config.run_dir + "/debate"
-    stats = debate_split(config, 0, "finetune", problems, out)
+    stats = RayRuntime().debate(config, 0, "finetune", problems, out)
     return problems, out, stats
 
 
@@ -118,7 +118,7 @@ def test_without_summary_concatenates_other_answers(ray_cluster, tiny_model, tmp
 
 
 def test_society_too_big_for_cluster_fails_at_once(ray_cluster, tiny_model, tmp_path):
-    from actors.placement import PlacementError
+    from mft_ray.errors import PlacementError
 
     config = _config(tmp_path, tiny_model, **{"resources.num_gpus_per_agent": 1})
     start = time.time()
@@ -130,7 +130,7 @@ def test_society_too_big_for_cluster_fails_at_once(ray_cluster, tiny_model, tmp_
 def test_society_blocked_by_other_work_times_out_clearly(ray_cluster, tiny_model, tmp_path):
     import ray
 
-    from actors.placement import PlacementError
+    from mft_ray.errors import PlacementError
 
     @ray.remote(num_cpus=1.5)
     class Hog:

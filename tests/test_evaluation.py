@@ -7,8 +7,8 @@ import math
 import pytest
 
 from mft_ray.config import TaskConfig
-from mft_ray.evaluation import accuracy_with_stderr, evaluate_records
-from mft_ray.records import rows_to_table
+from mft_ray.metrics.accuracy import accuracy_with_stderr, evaluate_records
+from mft_ray.run.records import rows_to_table
 from mft_ray.tasks import Problem, make_task
 
 
@@ -161,7 +161,7 @@ def test_single_round_debate(task) -> None:
 
 
 def test_consensus_agrees_with_the_diversity_module(task) -> None:
-    from mft_ray.diversity import consensus
+    from mft_ray.metrics.diversity import consensus
 
     m = evaluate_records(rows_to_table(debate_rows()), problems(), task)
     assert consensus(rows_to_table(debate_rows())) == pytest.approx((m["consensus"], m["diversity"]))

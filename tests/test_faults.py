@@ -18,12 +18,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from types import SimpleNamespace
 
-from mft_ray.checkpoints import MANIFEST_NAME, checkpoint_problem, write_manifest
 from mft_ray.config import load_config
-from mft_ray.records import read_records, read_sealed_json, shard_path, write_json_atomic, write_shard
-from mft_ray.rundir import RunDir
+from mft_ray.run.files import read_sealed_json, write_json_atomic
+from mft_ray.run.records import read_records, shard_path, write_shard
+from mft_ray.run.rundir import RunDir
 from mft_ray.tasks import make_splits, make_task
+from mft_ray.training.export import MANIFEST_NAME, checkpoint_problem, write_manifest
 from tests.test_finetune_sets import TWO_ROUNDS, records_for
 
 
@@ -39,7 +41,7 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
 @pytest.fixture
 def built(tmp_path):
     """A run directory whose iteration-1 sets are built from a hand-written finetune debate."""
-    from jobs.iterate import build_datasets
+    from mft_ray.stages import build_datasets
 
     config = load_config(None, [f"run_dir={tmp_path / 'run'}", "debate.agents=3", "debate.rounds=2"])
     run = RunDir(config.run_dir)
@@ -77,7 +79,7 @@ def test_broken_counts_json_is_detected_and_the_sets_rebuilt(built, damage, capl
         marker.write_text("")
     else:  # a marker of an older version (or hand-written): no checksums, nothing to check the sets by
         write_json_atomic(counts, marker)
-    with caplog.at_level(logging.WARNING, logger="mft_ray.records"):
+    with caplog.at_level(logging.WARNING, logger="mft_ray.run.records"):
         assert read_sealed_json(marker) is None
     assert str(marker) in caplog.text and not marker.exists()
     for f in files:
@@ -104,7 +106,7 @@ def test_truncated_or_changed_set_is_detected_and_rebuilt(built, damage, caplog)
         data = bytearray(files[name])
         data[10] = ord("X") if data[10] != ord("X") else ord("Y")
         path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="mft_ray.records"):
+    with caplog.at_level(logging.WARNING, logger="mft_ray.run.records"):
         assert rebuild() == counts
     assert name in caplog.text and ("truncated or changed" in caplog.text or "missing" in caplog.text)
     assert path.read_bytes() == files[name]
@@ -163,8 +165,7 @@ def test_society_json_is_trusted_only_whole_and_with_whole_checkpoints(export, t
 
 
 def test_truncated_finetunes_json_redoes_the_stage_and_skips_whole_checkpoints(tiny_model, tmp_path, monkeypatch):
-    import actors.finetune
-    from jobs.iterate import finetune_society
+    from mft_ray.stages import finetune_society
 
     config = load_config(None, [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model}", "debate.agents=1"])
     run = RunDir(config.run_dir)
@@ -178,15 +179,15 @@ def test_truncated_finetunes_json_redoes_the_stage_and_skips_whole_checkpoints(t
         calls.append([(j.name, j.iteration) for j in jobs])
         return {j.name: {"examples": 1, "loss_before": 1.0, "loss_after": 0.5} for j in jobs}
 
-    monkeypatch.setattr(actors.finetune, "run_finetunes", fake_finetunes)
-    first = finetune_society(config, run, 1)
+    runtime = SimpleNamespace(finetune=lambda jobs, ft, storage_path: fake_finetunes(jobs))
+    first = finetune_society(runtime, config, run, 1)
     assert calls == [[("generator_0", 1), ("critic_0", 1)]]
     society = json.loads(run.society_path(1).read_text())
     for name in society:  # as if the finetunes had exported whole checkpoints
         _fake_export(tiny_model, Path(society[name]))
-    assert finetune_society(config, run, 1) == first and len(calls) == 1  # complete: skipped
+    assert finetune_society(runtime, config, run, 1) == first and len(calls) == 1  # complete: skipped
     _truncate(run.iteration_dir(1) / "finetunes.json")
-    assert finetune_society(config, run, 1) == first and len(calls) == 2  # unreadable: redone
+    assert finetune_society(runtime, config, run, 1) == first and len(calls) == 2  # unreadable: redone
     assert json.loads((run.iteration_dir(1) / "finetunes.json").read_text()) == first
 
 
@@ -250,13 +251,13 @@ def test_agent_actor_killed_mid_debate_is_restarted_and_the_debate_completes(ray
     import ray
 
     from actors.coordinator import DebateCoordinator
-    from actors.launch import debate_split
-    from actors.society import SocietyActors
+    from actors.group import SocietyGroup
+    from actors.runtime import RayRuntime
 
     config = _debate_config(tmp_path / "run", lively_model)
     problems = make_splits(make_task(config.task), config.task).finetune
     out = tmp_path / "killed"
-    society = SocietyActors(config, name="faults")
+    society = SocietyGroup(config, name="faults")
     try:
         (actor,) = society.actors  # one shared engine serves every member
         pid = ray.get(actor.info.remote())["pid"]
@@ -283,7 +284,7 @@ def test_agent_actor_killed_mid_debate_is_restarted_and_the_debate_completes(ray
                 for role, m in (("generator", 1), ("summarizer", 2), ("critic", 2))}
     assert set(keys) == expected  # nothing lost
     # Retried calls carry the seeds of the lost ones: the records equal an uninterrupted debate's.
-    debate_split(config, 0, "finetune", problems, tmp_path / "clean")
+    RayRuntime().debate(config, 0, "finetune", problems, str(tmp_path / "clean"))
     clean = read_records(tmp_path / "clean")
     assert killed.select(["problem_id", "agent", "role", "round", "response", "answer", "majority"]).to_pylist() == \
         clean.select(["problem_id", "agent", "role", "round", "response", "answer", "majority"]).to_pylist()
@@ -294,7 +295,7 @@ def test_agent_actor_killed_mid_debate_is_restarted_and_the_debate_completes(ray
 
 
 def _finetune_job(tmp_path: Path, model: str, tag: str, hook: Path | None):
-    from actors.finetune import FinetuneJob
+    from mft_ray.training.spec import FinetuneJob, TrainingSpec
 
     data = tmp_path / "data.jsonl"
     if not data.exists():
@@ -302,13 +303,13 @@ def _finetune_job(tmp_path: Path, model: str, tag: str, hook: Path | None):
                               {"role": "assistant", "content": f"{a} + {b} = \\boxed{{{a + b}}}"}]}
                 for a in range(6) for b in range(4)]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    hyper = dict(learning_rate=1e-3, epochs=3, batch_size=4, grad_accum=1, weight_decay=0.0, warmup_ratio=0.0,
-                 max_length=256, zero_stage=2, bf16=False, gradient_checkpointing=False, seed=7,
-                 trust_remote_code=False, checkpoint_every_steps=0)
-    if hook is not None:
-        hyper["_fault_hook"] = str(hook)  # test-only: the loop parks after its first checkpoint
+    spec = TrainingSpec(learning_rate=1e-3, epochs=3, batch_size=4, grad_accum=1, weight_decay=0.0, warmup_ratio=0.0,
+                        max_length=256, zero_stage=2, bf16=False, gradient_checkpointing=False, seed=7,
+                        trust_remote_code=False, checkpoint_every_steps=0)
     out = tmp_path / tag / "iter_1" / "generator_0"
-    return FinetuneJob("generator_0", model, str(data), str(out), hyper, iteration=1)
+    # fault_hook (test-only): the loop parks after its first checkpoint
+    return FinetuneJob("generator_0", model, str(data), str(out), spec, iteration=1,
+                       fault_hook=str(hook) if hook is not None else None)
 
 
 def _kill_worker_after_first_checkpoint(job, max_failures: int, hook: Path):
@@ -348,8 +349,8 @@ def _registered(experiment: Path) -> bool:
 def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, tiny_model, tmp_path):
     import ray
 
-    from actors.finetune import FinetuneError
     from jobs.common import unwrap_ray_error
+    from mft_ray.errors import FinetuneError
     from tests.test_iterate import _differs, _params
 
     hook = tmp_path / "hook"

@@ -12,10 +12,10 @@ import random
 import pytest
 
 from mft_ray.config import TaskConfig
-from mft_ray.finetune_sets import AgentSets, build_agent_sets, majority_ft, mix, pooled
-from mft_ray.records import rows_to_table
+from mft_ray.methods.datasets import AgentSets, build_agent_sets, majority_ft, mix, pooled
+from mft_ray.run.records import rows_to_table
+from mft_ray.society.voting import majority_vote, vote_rng
 from mft_ray.tasks import make_task
-from mft_ray.voting import majority_vote, vote_rng
 
 AGENTS = 3
 
@@ -45,7 +45,7 @@ def problem_rows(pid: str, answers: list[list[str | None]], majority: str | None
                  summaries: bool = True) -> list[dict]:
     """Records of one problem. ``answers[n][m-1]`` is agent n's parsed answer in round m (None =
     unparseable); round 1 is a generator row, rounds 2.. are critic rows whose prompt is the agent's
-    own conversation so far plus a critique prompt, as in mft_ray.debate."""
+    own conversation so far plus a critique prompt, as in mft_ray.society.debate."""
     rounds = len(answers[0])
     base = {"iteration": 0, "split": "finetune", "problem_id": pid, "majority": majority, "tie": tie,
             "consensus": 0.5}

@@ -135,9 +135,10 @@ ALL_KILL_POINTS = [KILL_POINTS[0], EXTRA_KILL_POINTS[0], *KILL_POINTS[1:], EXTRA
 
 def _assert_nothing_half_written(run: Path) -> None:
     """Whatever a killed driver left looks complete only if it is: shards read, checkpoints are whole."""
-    from mft_ray.checkpoints import checkpoint_problem
-    from mft_ray.records import read_records, read_sealed_json
-    from mft_ray.rundir import RunDir
+    from mft_ray.run.files import read_sealed_json
+    from mft_ray.run.records import read_records
+    from mft_ray.run.rundir import RunDir
+    from mft_ray.training.export import checkpoint_problem
 
     for d in run.glob("iter_*/debate_*"):
         if list(d.glob("shard_*.parquet")):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from mft_ray.models import build_tokenizer
-from mft_ray.training.tokenize import IGNORE, TemplateError, collate, encode_example
+from mft_ray.errors import TemplateError
+from mft_ray.models.tiny import build_tokenizer
+from mft_ray.training.tokenize import IGNORE, collate, encode_example
 
 END = "<|end|>"
 

@@ -1,4 +1,4 @@
-"""Methods (mft_ray.methods): config, each method's dataset rule on hand-written debate records, the
+"""Methods (mft_ray.methods.registry): config, each method's dataset rule on hand-written debate records, the
 label-isolation test, every method through the jobs.iterate driver, and STaR end to end on real Ray.
 
 Dataset rules are checked against sets spelled out by hand from records written in
@@ -14,21 +14,23 @@ import sys
 from pathlib import Path
 
 import pytest
+from types import SimpleNamespace
 
-from mft_ray.config import ConfigError, TaskConfig, load_config
-from mft_ray.records import read_records
-from mft_ray.methods import (
-    METHOD_NAMES,
+from mft_ray.config import TaskConfig, load_config
+from mft_ray.errors import ConfigError
+from mft_ray.run.preflight import check_config
+from mft_ray.methods.datasets import build_sets, build_star_sets
+from mft_ray.methods.registry import (
+    METHODS,
     SHARED_UNIT,
-    build_sets,
-    build_star_sets,
     get_method,
     method_config,
     prompt_set,
     society_after,
     train_units,
 )
-from mft_ray.society import CRITIC, GENERATOR, Member
+from mft_ray.run.records import read_records
+from mft_ray.society.members import CRITIC, GENERATOR, Member
 from mft_ray.tasks import make_task
 from tests.conftest import REPO
 from tests.test_finetune_sets import (
@@ -41,7 +43,7 @@ from tests.test_finetune_sets import (
 )
 
 AGENTS = 3
-LABEL_FREE_TRAINED = [n for n in METHOD_NAMES if not get_method(n).evaluation_only and not get_method(n).uses_labels]
+LABEL_FREE_TRAINED = [n for n in METHODS if not get_method(n).evaluation_only and not get_method(n).uses_labels]
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +61,17 @@ def _sets(name: str, records, task, rounds: int = 2):
 
 
 def test_every_method_name_loads_from_an_override():
-    for name in METHOD_NAMES:
+    for name in METHODS:
         assert load_config(None, [f"method={name}"]).method == name
     assert load_config(None, []).method == "multiagent_ft"
 
 
 def test_unknown_method_names_itself_and_the_valid_names():
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["method=multiagent"])
+        check_config(load_config(None, ["method=multiagent"]))
     message = str(err.value)
     assert "'multiagent'" in message and message.startswith("method must be one of")
-    assert all(name in message for name in METHOD_NAMES)
+    assert all(name in message for name in METHODS)
     with pytest.raises(ConfigError, match="method must be one of"):
         get_method("STaR")
 
@@ -108,7 +110,7 @@ def test_debate_settings_of_each_method():
 
 
 def test_prompt_style_of_each_method():
-    styles = {n: prompt_set(load_config(None, [f"method={n}"])).style for n in METHOD_NAMES}
+    styles = {n: prompt_set(load_config(None, [f"method={n}"])).style for n in METHODS}
     assert styles.pop("cooperative_ft") == "cooperative"
     assert styles.pop("unique_id_ft") == styles.pop("single_agent_ft_unique_id") == "unique_id"
     assert set(styles.values()) == {"debate"}
@@ -221,7 +223,7 @@ def _rationalized(pid: str, n: int, response: str) -> dict:
 
 
 def test_star_keeps_correct_answers_and_rationalizations_that_reach_the_label(task):
-    from mft_ray.finetune_sets import star_requests
+    from mft_ray.methods.datasets import star_requests
 
     records = records_for(STAR_PROBLEMS)
     assert star_requests(records, STAR_LABELS, task.is_correct) == \
@@ -290,12 +292,10 @@ def fake_model(tmp_path_factory) -> str:
 def _drive(monkeypatch, run_dir: Path, model: str, method: str, *overrides: str) -> dict:
     """Run jobs.iterate.main for one iteration of ``method`` with every Ray stage replaced by a fake that
     records what it was asked; returns what was seen."""
-    import actors.finetune
-    import actors.generate
-    import actors.launch
     import jobs.iterate
-    from mft_ray.records import write_shard
-    from mft_ray.voting import majority_vote, vote_rng
+    from mft_ray import stages
+    from mft_ray.run.records import write_shard
+    from mft_ray.society.voting import majority_vote, vote_rng
 
     seen: dict = {"debates": [], "evals": [], "jobs": [], "generate": [], "reads": []}
     real_splits = jobs.iterate.make_splits
@@ -331,7 +331,7 @@ def _drive(monkeypatch, run_dir: Path, model: str, method: str, *overrides: str)
         write_shard(out_dir, 0, rows, [p.id for p in problems])
         return {}
 
-    def fake_evaluate(config, run, task, problems, iteration, model_paths):
+    def fake_evaluate(runtime, config, run, task, problems, iteration, model_paths):
         seen["evals"].append((iteration, config, model_paths))
         return {"iteration": iteration, "problems": len(problems), "accuracy": 0.5, "stderr": 0.1,
                 "consensus": 1.0, "base_accuracy": 0.5, "base_stderr": 0.1, "majority_accuracy": 0.5,
@@ -355,21 +355,20 @@ def _drive(monkeypatch, run_dir: Path, model: str, method: str, *overrides: str)
         return out
 
     monkeypatch.setattr(jobs.iterate, "make_splits", sealed_splits)
-    monkeypatch.setattr(jobs.iterate, "evaluate_society", fake_evaluate)
+    monkeypatch.setattr(stages, "evaluate_society", fake_evaluate)
     monkeypatch.setattr(jobs.iterate, "init_ray", lambda: None)
-    monkeypatch.setattr(jobs.iterate, "write_report", lambda root, summary: "table")
-    monkeypatch.setattr(actors.launch, "debate_split", fake_debate)
-    monkeypatch.setattr(actors.finetune, "run_finetunes", fake_finetunes)
-    monkeypatch.setattr(actors.finetune, "check_finetunes_fit", lambda *a: None)
-    monkeypatch.setattr(actors.generate, "generate_with_society", fake_generate)
+    monkeypatch.setattr(jobs.iterate, "write_report", lambda run, summary: "table")
+    # The stages' runtime with every Ray call faked (stages.Runtime's methods).
+    runtime = SimpleNamespace(debate=fake_debate, generate=fake_generate, check_finetunes_fit=lambda ft: None,
+                              finetune=lambda jobs, ft, storage_path: fake_finetunes(jobs))
     config = load_config(None, [f"run_dir={run_dir}", f"model.path={model}", f"method={method}", "task.max_int=3",
                                 "task.finetune_size=6", "task.eval_size=3", "finetune.iterations=1",
                                 "debate.agents=3", "debate.rounds=2", "sampling.temperature=0.7", *overrides])
-    seen["summary"] = jobs.iterate.main(config)
+    seen["summary"] = jobs.iterate.main(config, runtime)
     return seen
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_runs_through_the_driver_and_only_star_reads_labels(method, monkeypatch, tmp_path, fake_model):
     m = get_method(method)
     run_dir = tmp_path / "run"
@@ -462,8 +461,8 @@ def test_a_run_dir_of_another_method_is_refused(monkeypatch, tmp_path, fake_mode
 
 
 def test_build_datasets_refuses_labels_for_label_free_methods(tmp_path, task):
-    from jobs.iterate import build_datasets
-    from mft_ray.rundir import RunDir
+    from mft_ray.stages import build_datasets
+    from mft_ray.run.rundir import RunDir
 
     config = load_config(None, ["method=single_agent_ft"])
     with pytest.raises(ValueError, match="must not get ground-truth labels"):
@@ -481,9 +480,8 @@ def test_star_runs_one_iteration_end_to_end_with_one_shared_checkpoint(ray_clust
     """Real debates, the rationalization pass through the agent actors, one Ray Train finetune, and an
     evaluation debate in which every generator and critic is the STaR checkpoint."""
     from jobs.iterate import main
-    from jobs.star import rationalizations_path
-    from mft_ray.finetune_sets import star_requests
-    from mft_ray.rundir import RunDir
+    from mft_ray.methods.datasets import star_requests
+    from mft_ray.run.rundir import RunDir
     from mft_ray.tasks import make_splits
 
     run_dir = tmp_path / "star"
@@ -503,7 +501,7 @@ def test_star_runs_one_iteration_end_to_end_with_one_shared_checkpoint(ray_clust
 
     # Every wrong round-1 answer was re-asked once, with its label as the hint, by the generator that wrote it.
     labels = {p.id: p.answer for p in make_splits(task, config.task).finetune}
-    asked = [json.loads(line) for line in rationalizations_path(run, 1).read_text().splitlines()]
+    asked = [json.loads(line) for line in run.rationalizations_path(1).read_text().splitlines()]
     assert sorted((r["problem_id"], r["agent"]) for r in asked) == star_requests(data, labels, task.is_correct)
     for r in asked:
         assert f"the correct final answer is {labels[r['problem_id']]}." in r["messages"][0]["content"]

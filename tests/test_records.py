@@ -11,15 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mft_ray import records
-from mft_ray.records import (
+from mft_ray.run import records
+from mft_ray.errors import RecordsError
+from mft_ray.run.files import write_json_atomic
+from mft_ray.run.records import (
     SCHEMA,
-    RecordsError,
     read_records,
     rows_to_table,
     shard_is_complete,
     shard_path,
-    write_json_atomic,
     write_shard,
     write_table_atomic,
 )
@@ -131,7 +131,7 @@ def test_truncated_shard_is_deleted_and_redone(tmp_path: Path, keep: float,
     path = write_shard(tmp_path, 0, make_rows(ids), ids)
     data = path.read_bytes()
     path.write_bytes(data[: max(1, int(len(data) * keep))])
-    with caplog.at_level(logging.WARNING, logger="mft_ray.records"):
+    with caplog.at_level(logging.WARNING, logger="mft_ray.run.records"):
         assert shard_is_complete(tmp_path, 0, ids) is False
     assert not path.exists()
     assert "unreadable" in caplog.text and str(path) in caplog.text
@@ -161,7 +161,7 @@ def test_row_count_mismatch_is_redone(tmp_path: Path, caplog: pytest.LogCaptureF
     rows = make_rows(ids)
     path = shard_path(tmp_path, 0)
     write_table_atomic(rows_to_table(rows[:-1]), path, {"problem_ids": ids, "rows": len(rows)})
-    with caplog.at_level(logging.WARNING, logger="mft_ray.records"):
+    with caplog.at_level(logging.WARNING, logger="mft_ray.run.records"):
         assert shard_is_complete(tmp_path, 0, ids) is False
     assert not path.exists()
     assert f"expected {len(rows)}" in caplog.text
@@ -291,14 +291,14 @@ def test_final_path_is_never_a_partial_file_even_for_readers(tmp_path: Path,
 
 
 def test_read_json_checked_trusts_only_whole_json(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from mft_ray.records import read_json_checked
+    from mft_ray.run.files import read_json_checked
 
     path = tmp_path / "society.json"
     assert read_json_checked(path) is None  # missing: the stage has not run
     write_json_atomic({"generator_0": "/x"}, path)
     assert read_json_checked(path) == {"generator_0": "/x"}
     path.write_text(path.read_text()[:-6])
-    with caplog.at_level(logging.WARNING, logger="mft_ray.records"):
+    with caplog.at_level(logging.WARNING, logger="mft_ray.run.records"):
         assert read_json_checked(path) is None
     assert "not valid JSON" in caplog.text and not path.exists()
     path.write_bytes(b"\xff\xfe{")
@@ -306,7 +306,7 @@ def test_read_json_checked_trusts_only_whole_json(tmp_path: Path, caplog: pytest
 
 
 def test_sealed_marker_round_trip_and_every_kind_of_damage(tmp_path: Path) -> None:
-    from mft_ray.records import SEAL_KEY, file_digest, read_sealed_json, write_jsonl_atomic, write_sealed_json
+    from mft_ray.run.files import SEAL_KEY, file_digest, read_sealed_json, write_jsonl_atomic, write_sealed_json
 
     a, b = tmp_path / "a.jsonl", tmp_path / "sub" / "b.jsonl"
     write_jsonl_atomic([{"x": 1}, {"x": 2}], a)
@@ -334,7 +334,7 @@ def test_sealed_marker_round_trip_and_every_kind_of_damage(tmp_path: Path) -> No
 def test_atomic_writers_flush_to_disk_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rename that reaches the disk before the data would leave a complete-looking empty file after a
     power loss: each writer fsyncs its temporary file first."""
-    from mft_ray.records import write_text_atomic
+    from mft_ray.run.files import write_text_atomic
 
     order = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -348,8 +348,8 @@ def test_atomic_writers_flush_to_disk_before_the_rename(tmp_path: Path, monkeypa
 def test_read_only_callers_leave_a_broken_marker_in_place(tmp_path):
     """``repair=False`` (mft status / serve, evaluating another run's society) reports a broken file as
     absent without deleting it; the default (the job that redoes the stage) removes it."""
-    from mft_ray.records import read_json_checked
-    from mft_ray.rundir import RunDir
+    from mft_ray.run.files import read_json_checked
+    from mft_ray.run.rundir import RunDir
 
     run = RunDir(tmp_path)
     run.iteration_dir(1).mkdir(parents=True)

@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 
 from jobs import cli
-from mft_ray.records import read_records
+from mft_ray.run.records import read_records
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration

@@ -190,9 +190,9 @@ HOSTILE = [
 @pytest.mark.parametrize("task_name", ["arithmetic", "gsm8k", "math", "mmlu"])
 def test_model_output_is_parsed_never_evaluated(task_name: str, tmp_path: Path) -> None:
     from mft_ray.config import TaskConfig
+    from mft_ray.society.voting import majority_vote, vote_rng
     from mft_ray.tasks import TASKS
     from mft_ray.tasks.base import parse_number
-    from mft_ray.voting import majority_vote, vote_rng
 
     canary = tmp_path / "canary"
     task = TASKS[task_name](TaskConfig(name=task_name, path=None))
@@ -243,9 +243,9 @@ def test_model_loaders_pass_the_setting_through() -> None:
 @pytest.mark.parametrize("trust", [False, True])
 def test_make_engine_hands_trust_remote_code_to_the_engine(engine: str, trust: bool,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from mft_ray import engines
     from mft_ray.config import ModelConfig
-    from mft_ray.engines import hf
-    from mft_ray.engines.base import make_engine
+    from mft_ray.engines import make_engine
 
     seen: dict = {}
 
@@ -253,7 +253,7 @@ def test_make_engine_hands_trust_remote_code_to_the_engine(engine: str, trust: b
         def __init__(self, *args, **kwargs) -> None:
             seen.update(kwargs)
 
-    monkeypatch.setattr(hf, "HFEngine", Recorder)
+    monkeypatch.setattr(engines, "HFEngine", Recorder)
     fake_vllm = types.ModuleType("vllm")
     fake_vllm.LLM = Recorder
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
@@ -263,13 +263,13 @@ def test_make_engine_hands_trust_remote_code_to_the_engine(engine: str, trust: b
 
 
 def test_finetune_hyperparameters_carry_trust_remote_code() -> None:
-    from jobs.iterate import _hyper
     from mft_ray.config import load_config
+    from mft_ray.training.spec import training_spec
 
     for trust in (False, True):
         cfg = load_config(TINY, [f"model.trust_remote_code={str(trust).lower()}"])
         for role in ("generator", "critic"):
-            assert _hyper(cfg, role, 1, 0)["trust_remote_code"] is trust
+            assert training_spec(cfg, role, 1, 0).trust_remote_code is trust
 
 
 # -- secrets -------------------------------------------------------------------------------------------

@@ -116,8 +116,8 @@ def _python(env: dict, code: str, *args: str, timeout: float = 300) -> dict:
 
 def _run_dir(tmp_path: Path, model: str) -> tuple[Path, Path]:
     """A run directory whose society 1 gives generator_0 its own weights (a copy of ``model``)."""
-    from mft_ray.checkpoints import METRICS_NAME
     from mft_ray.config import dump_config, load_config
+    from mft_ray.training.export import METRICS_NAME
 
     run = tmp_path / "run"
     config = load_config(REPO / "jobs/configs/iterate_cpu.yaml",
@@ -230,7 +230,8 @@ def test_serve_refuses_a_society_bigger_than_the_cluster(head, testbed_mini):
 def test_event_stream_wakes_readers_and_ends_on_final():
     import asyncio
 
-    from mft_ray.interactive import EventStream, format_event, turn_event
+    from mft_ray.society.debate import Turn
+    from mft_ray.society.events import EventStream, format_event, turn_event
 
     async def scenario():
         stream = EventStream("q1", "2+2?")
@@ -241,13 +242,13 @@ def test_event_stream_wakes_readers_and_ends_on_final():
         reader = asyncio.ensure_future(stream.read(1, 5.0))
         await asyncio.sleep(0.05)
         assert not reader.done()
-        stream.append(turn_event("1/generator", 0, "so \\boxed{4}", "4"))
+        stream.append(turn_event(Turn(1, "generator"), 0, "so \\boxed{4}", "4"))
         events, done = await asyncio.wait_for(reader, 1.0)
         assert [(e["type"], e["round"], e["agent"], e["answer"]) for e in events] == [("response", 1, 0, "4")]
         assert not done
         # Nothing new: the read returns empty after its timeout instead of hanging.
         assert await stream.read(2, 0.05) == ([], False)
-        stream.append(turn_event("2/summarizer", 0, "one said 4", None))
+        stream.append(turn_event(Turn(2, "summarizer"), 0, "one said 4", None))
         stream.append({"type": "final", "answer": "4", "votes": 1, "tie": False, "consensus": 1.0, "answers": ["4"]})
         events, done = await stream.read(2, 5.0)
         assert [e["type"] for e in events] == ["summary", "final"] and done
@@ -267,7 +268,7 @@ def test_event_stream_wakes_readers_and_ends_on_final():
 
 
 def test_registry_drops_finished_questions_after_keep_s():
-    from mft_ray.interactive import StreamRegistry
+    from mft_ray.society.events import StreamRegistry
 
     registry = StreamRegistry(keep_s=10.0)
     done, running = registry.new("a"), registry.new("b")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mft_ray.config import ConfigError, TaskConfig
-from mft_ray.tasks import DataError, Splits, make_splits, make_task
+from mft_ray.config import TaskConfig
+from mft_ray.errors import ConfigError, DataError
+from mft_ray.tasks import Splits, make_splits, make_task
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mft_ray.config import ConfigError, TaskConfig
-from mft_ray.tasks import TASKS, DataError, Problem, Task, make_task
+from mft_ray.config import TaskConfig
+from mft_ray.errors import ConfigError, DataError
+from mft_ray.tasks import TASKS, Problem, Task, make_task
 from mft_ray.tasks.arithmetic import ArithmeticTask
 from mft_ray.tasks.base import last_boxed, numbers_equal, parse_number, read_rows, require
 from mft_ray.tasks.gsm8k import GSM8KTask

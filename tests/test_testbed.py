@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mft_ray.models import TinyModelSpec, build_tokenizer
-from mft_ray import testbed
-from mft_ray.testbed import ARITH_INSTRUCTION, MINI_TESTBED, debate_conversations
+from mft_ray.models import testbed
+from mft_ray.models.testbed import ARITH_INSTRUCTION, MINI_TESTBED, debate_conversations
+from mft_ray.models.tiny import TinyModelSpec, build_tokenizer
 
 # A testbed small enough to build twice in a few seconds: it proves the recipe, not the skill.
 MICRO = dataclasses.replace(
@@ -52,7 +52,7 @@ def test_words_tokenizer_makes_numbers_and_prompt_words_single_tokens(words_tok)
 def test_training_conversations_use_the_debate_formats_and_mask_prompts(words_tok):
     import random
 
-    from mft_ray.prompts import PromptSet
+    from mft_ray.society.prompts import PromptSet
     from mft_ray.training.tokenize import encode_example
 
     convs = debate_conversations(random.Random(0), testbed.TestbedSpec(), PromptSet(ARITH_INSTRUCTION))
@@ -68,7 +68,7 @@ def test_hasty_solutions_leave_out_adding_d_and_differ_from_careful_ones_from_th
     import random
     import re
 
-    from mft_ray.testbed import is_hasty, solve, styled_solution
+    from mft_ray.models.testbed import is_hasty, solve, styled_solution
 
     rng, ops = random.Random(0), (3, 12, 25, 7, 29, 30)
     truth = 3 + 12 * 25 + 7 - 29 * 30
@@ -92,10 +92,10 @@ def test_a_build_is_deterministic_cached_and_loadable(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
 
-    from mft_ray import models
+    from mft_ray.models import builtin as models
     from mft_ray.engines.base import SamplingParams
     from mft_ray.engines.hf import HFEngine
-    from mft_ray.testbed import pretrain
+    from mft_ray.models.testbed import pretrain
 
     a, b = pretrain(tmp_path / "a", MICRO), pretrain(tmp_path / "b", MICRO)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
@@ -130,7 +130,7 @@ def test_a_job_builds_its_builtin_model_in_the_driver_on_every_core(tmp_path, mo
     import torch
 
     from jobs.common import build_builtin_model
-    from mft_ray import models
+    from mft_ray.models import builtin as models
 
     monkeypatch.setenv("MFT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(models, "_testbed_spec", lambda name: MICRO)
@@ -163,20 +163,24 @@ def _summary() -> dict:
 
 
 def test_report_table_rows_and_plot(tmp_path):
-    from mft_ray.reports import PLOT_NAME, TABLE_NAME, result_rows, write_report
+    from mft_ray.reports.run_report import result_rows, write_report
+    from mft_ray.run.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    TABLE, PLOT = run.report_path, run.plot_path
 
     rows = result_rows(_summary())
     assert [r["method"] for r in rows] == ["Base (one sample)", "Majority (2 samples)", "Debate (iteration 0)",
                                            "Multiagent FT (iteration 1)", "Multiagent FT (iteration 2)"]
     assert rows[4]["vs_debate_se"] == pytest.approx(0.11 / (0.0244 ** 2 + 0.025 ** 2) ** 0.5)
     assert rows[3]["examples"] == (22, 12)
-    table = write_report(tmp_path, _summary())
+    table = write_report(run, _summary())
     assert "| Multiagent FT (iteration 2) | 61.0 ± 2.4 | +3.1 | 0.900 | 22 / 12 |" in table
     assert "| Base (one sample) | 40.0 ± 2.5 | -2.9 | – | – |" in table
-    assert (tmp_path / TABLE_NAME).read_text().count("|") > 20
-    assert (tmp_path / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    stamp = (tmp_path / PLOT_NAME).stat().st_mtime_ns
-    write_report(tmp_path, _summary())  # unchanged results (a resumed run): nothing rewritten
-    assert (tmp_path / PLOT_NAME).stat().st_mtime_ns == stamp
+    assert TABLE.read_text().count("|") > 20
+    assert PLOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stamp = PLOT.stat().st_mtime_ns
+    write_report(run, _summary())  # unchanged results (a resumed run): nothing rewritten
+    assert PLOT.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="no iteration 0"):
         result_rows({"iterations": []})

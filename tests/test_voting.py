@@ -7,8 +7,8 @@ import random
 import pytest
 
 from mft_ray.config import TaskConfig
+from mft_ray.society.voting import Vote, group_answers, majority_vote, vote_rng
 from mft_ray.tasks import make_task
-from mft_ray.voting import Vote, group_answers, majority_vote, vote_rng
 
 
 def same(a: str, b: str) -> bool:

@@ -1,6 +1,42 @@
-"""Inference engines behind one small interface: a batch of conversations in, one text per conversation out."""
+"""Inference engines behind one small interface: a batch of conversations in, one text per conversation out.
 
-from mft_ray.engines.base import (Conversation, Engine, EngineError, SamplingParams, ScoringNotSupported,
-                                  make_engine)
+``make_engine`` builds the engine a ``ModelConfig`` names for an already resolved path (a local
+checkpoint directory or a hub id; ``mft_ray.models.builtin.resolve_model_path`` turns ``builtin:`` names
+into directories first).
+"""
+
+from __future__ import annotations
+
+from mft_ray.config import ModelConfig
+from mft_ray.engines.base import Conversation, Engine, SamplingParams
+from mft_ray.engines.hf import HFEngine
+from mft_ray.engines.openai_compat import OpenAIEngine
+from mft_ray.errors import EngineError, ScoringNotSupported
 
 __all__ = ["Conversation", "Engine", "EngineError", "SamplingParams", "ScoringNotSupported", "make_engine"]
+
+
+def make_engine(model: ModelConfig, path: str | None = None) -> Engine:
+    """Build the engine named by ``model.engine`` for ``path`` (default ``model.path``), already resolved.
+
+    For ``engine: openai`` the path is the served model's name and is passed through untouched.
+    """
+    path = path or model.path
+    if model.engine == "openai":
+        if not model.base_url:
+            raise EngineError("model.base_url is required for engine 'openai'")
+        return OpenAIEngine(path, model.base_url, api_key_env=model.api_key_env,
+                            timeout_s=model.request_timeout_s, max_retries=model.max_retries,
+                            backoff_s=model.retry_backoff_s, max_concurrency=model.max_concurrency)
+    if model.engine == "hf":
+        return HFEngine(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
+                        max_batch_size=model.max_batch_size, static_cache=model.static_cache)
+    if model.engine == "vllm":
+        # Imported here only: vLLM is an optional dependency (the ``gpu`` extra), absent on most CPUs.
+        from mft_ray.engines.vllm import VLLMEngine
+
+        return VLLMEngine(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
+                          tensor_parallel_size=model.tensor_parallel_size,
+                          gpu_memory_utilization=model.gpu_memory_utilization,
+                          max_model_len=model.max_model_len)
+    raise EngineError(f"model.engine: unknown engine {model.engine!r}")

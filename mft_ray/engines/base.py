@@ -7,18 +7,12 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
+from mft_ray.errors import ScoringNotSupported
+
 if TYPE_CHECKING:
-    from mft_ray.config import ModelConfig, SamplingConfig
+    from mft_ray.config import SamplingConfig
 
 Conversation = list[dict[str, str]]  # chat messages: [{"role": "user", "content": "..."}, ...]
-
-
-class EngineError(RuntimeError):
-    """An engine could not be built or could not serve a request; the message says why."""
-
-
-class ScoringNotSupported(EngineError, NotImplementedError):
-    """The engine cannot score given text (e.g. a chat-completions API that returns no prompt log-probs)."""
 
 
 @dataclass(frozen=True)
@@ -66,34 +60,3 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release accelerator memory."""
-
-
-def make_engine(model: "ModelConfig", path: str | None = None) -> Engine:
-    """Build the engine named by ``model.engine`` for ``path`` (default ``model.path``, resolved).
-
-    For ``engine: openai`` the path is the served model's name and is passed through untouched.
-    """
-    from mft_ray.models import resolve_model_path
-
-    if model.engine == "openai":
-        from mft_ray.engines.openai_compat import OpenAIEngine
-
-        if not model.base_url:
-            raise EngineError("model.base_url is required for engine 'openai'")
-        return OpenAIEngine(path or model.path, model.base_url, api_key_env=model.api_key_env,
-                            timeout_s=model.request_timeout_s, max_retries=model.max_retries,
-                            backoff_s=model.retry_backoff_s, max_concurrency=model.max_concurrency)
-    resolved = resolve_model_path(path or model.path)
-    if model.engine == "hf":
-        from mft_ray.engines.hf import HFEngine
-
-        return HFEngine(resolved, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
-                        max_batch_size=model.max_batch_size, static_cache=model.static_cache)
-    if model.engine == "vllm":
-        from mft_ray.engines.vllm import VLLMEngine
-
-        return VLLMEngine(resolved, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
-                          tensor_parallel_size=model.tensor_parallel_size,
-                          gpu_memory_utilization=model.gpu_memory_utilization,
-                          max_model_len=model.max_model_len)
-    raise EngineError(f"model.engine: unknown engine {model.engine!r}")

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from mft_ray.engines.base import Conversation, Engine, EngineError, SamplingParams
+from mft_ray.engines.base import Conversation, Engine, SamplingParams
+from mft_ray.errors import EngineError
 
 logger = logging.getLogger(__name__)
 

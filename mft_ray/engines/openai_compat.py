@@ -26,7 +26,8 @@ import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Sequence
 
-from mft_ray.engines.base import Conversation, Engine, EngineError, SamplingParams, ScoringNotSupported
+from mft_ray.engines.base import Conversation, Engine, SamplingParams
+from mft_ray.errors import EngineError, ScoringNotSupported
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from mft_ray.engines.base import Conversation, Engine, EngineError, SamplingParams
+from mft_ray.engines.base import Conversation, Engine, SamplingParams
+from mft_ray.errors import EngineError
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 
-from mft_ray.config import ConfigError
+from mft_ray.errors import ConfigError
 from mft_ray.tasks.base import NumericTask, Problem
 
 logger = logging.getLogger(__name__)

@@ -18,14 +18,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 from mft_ray.config import TaskConfig
+from mft_ray.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 MATH_INSTRUCTION = "Put your final answer in the form \\boxed{answer} at the end of your response."
-
-
-class DataError(ValueError):
-    """Malformed input data. The message names the file and the 1-based line (JSONL) or row (Parquet)."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from mft_ray.tasks.base import DataError, NumericTask, Problem, read_rows, record_id, require
+from mft_ray.errors import DataError
+from mft_ray.tasks.base import NumericTask, Problem, read_rows, record_id, require
 
 logger = logging.getLogger(__name__)
 

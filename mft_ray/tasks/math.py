@@ -19,9 +19,9 @@ import threading
 from functools import lru_cache
 from typing import Any
 
+from mft_ray.errors import DataError
 from mft_ray.tasks.base import (
     BoxedTask,
-    DataError,
     Problem,
     check_type,
     last_boxed,

@@ -6,17 +6,8 @@ import logging
 import re
 from typing import Any
 
-from mft_ray.tasks.base import (
-    DataError,
-    Problem,
-    Task,
-    last_boxed,
-    normalize_subject,
-    optional,
-    read_rows,
-    record_id,
-    require,
-)
+from mft_ray.errors import DataError
+from mft_ray.tasks.base import Problem, Task, last_boxed, normalize_subject, optional, read_rows, record_id, require
 
 logger = logging.getLogger(__name__)
 

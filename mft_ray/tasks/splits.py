@@ -15,8 +15,9 @@ import logging
 import random
 from dataclasses import dataclass
 
-from mft_ray.config import ConfigError, TaskConfig
-from mft_ray.tasks.base import DataError, Problem, Task
+from mft_ray.config import TaskConfig
+from mft_ray.errors import ConfigError, DataError
+from mft_ray.tasks.base import Problem, Task
 
 logger = logging.getLogger(__name__)
 

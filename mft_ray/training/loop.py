@@ -5,7 +5,7 @@ the model's chat template (loss on target turns only), trains with DeepSpeed (Ze
 config; torch.distributed is already set up by Ray Train: NCCL on GPU, gloo on CPU), and exports a
 Hugging Face checkpoint (model + tokenizer) to ``output_dir``. The export goes to a temporary sibling
 directory that rank 0 renames into place only when complete (with a manifest of its files, see
-``mft_ray.checkpoints``), so a crash never leaves a directory that looks finished.
+``mft_ray.training.export``), so a crash never leaves a directory that looks finished.
 
 Fault tolerance: at the end of every epoch (and every ``checkpoint_every_steps`` optimizer steps, if
 set) each worker saves DeepSpeed's full training state (weights, optimizer, scheduler) plus its place
@@ -26,7 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mft_ray.checkpoints import METRICS_NAME, fsync_tree, write_manifest
+from mft_ray.training.export import METRICS_NAME, fsync_tree, write_manifest
+from mft_ray.training.spec import FinetuneJob, TrainingSpec
 from mft_ray.training.tokenize import collate, encode_example
 
 logger = logging.getLogger(__name__)
@@ -39,24 +40,24 @@ def read_examples(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def deepspeed_config(cfg: dict[str, Any], total_steps: int) -> dict[str, Any]:
+def deepspeed_config(spec: TrainingSpec, total_steps: int) -> dict[str, Any]:
     """DeepSpeed config for one finetune. The optimizer is torch's AdamW (no compiled op needed); the
     learning rate warms up linearly over ``warmup_ratio`` of the steps, then stays constant."""
-    warmup = math.ceil(cfg["warmup_ratio"] * total_steps)
+    warmup = math.ceil(spec.warmup_ratio * total_steps)
     config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg["batch_size"],
-        "gradient_accumulation_steps": cfg["grad_accum"],
+        "train_micro_batch_size_per_gpu": spec.batch_size,
+        "gradient_accumulation_steps": spec.grad_accum,
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": cfg["zero_stage"]},
-        "bf16": {"enabled": bool(cfg["bf16"])},
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg["learning_rate"], "weight_decay": cfg["weight_decay"],
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": bool(spec.bf16)},
+        "optimizer": {"type": "AdamW", "params": {"lr": spec.learning_rate, "weight_decay": spec.weight_decay,
                                                   "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if warmup > 0:  # WarmupLR starts at 0: with no warmup asked for, use no scheduler at all
         config["scheduler"] = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": cfg["learning_rate"], "warmup_num_steps": warmup,
+            "warmup_min_lr": 0.0, "warmup_max_lr": spec.learning_rate, "warmup_num_steps": warmup,
             "warmup_type": "linear"}}
     return config
 
@@ -77,14 +78,19 @@ def _mean_loss(engine: Any, encoded: list[dict], pad_id: int, batch_size: int, d
     return total / max(count, 1)
 
 
-def _fingerprint(cfg: dict[str, Any], examples: int, world: int) -> str:
-    """What a training-state checkpoint must match to be resumed: the job's settings, data and world size."""
+def _fingerprint(job: FinetuneJob, examples: int, world: int) -> str:
+    """What a training-state checkpoint must match to be resumed: the job's settings, data and world size.
+
+    The settings are the spec, the name and the input paths (not the output directory, the iteration or the
+    test-only fault hook); hashed as the flat dict earlier versions passed to the loop, so a run started by
+    one of those still resumes."""
+    import dataclasses
     import hashlib
 
-    from mft_ray.records import file_digest
+    from mft_ray.run.files import file_digest
 
-    keys = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "output_dir"}
-    blob = json.dumps({"cfg": keys, "data": file_digest(cfg["data_path"]), "examples": examples, "world": world},
+    keys = {**dataclasses.asdict(job.spec), "init_path": job.init_path, "data_path": job.data_path, "name": job.name}
+    blob = json.dumps({"cfg": keys, "data": file_digest(job.data_path), "examples": examples, "world": world},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -182,88 +188,88 @@ def _set_rng(saved: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(dec(saved["cuda"]))
 
 
-def _fault_hook(cfg: dict[str, Any], rank: int) -> None:
-    """Testing aid, inert unless the job's config has ``_fault_hook`` (a directory; never set by jobs).
+def _fault_hook(job: FinetuneJob, rank: int) -> None:
+    """Testing aid, inert unless the job has a ``fault_hook`` (a directory; never set by jobs).
 
     After the first checkpoint of a run that did not resume, rank 0 writes its pid to
     ``<dir>/<name>.pid`` and waits while ``<dir>/<name>.hold`` exists (at most 10 minutes), so a test can
     kill a worker at a known point of training.
     """
-    hook = cfg.get("_fault_hook")
-    if not hook or rank != 0:
+    if not job.fault_hook or rank != 0:
         return
     import time
 
-    d = Path(hook)
-    (d / f"{cfg['name']}.pid").write_text(str(os.getpid()))
+    d = Path(job.fault_hook)
+    (d / f"{job.name}.pid").write_text(str(os.getpid()))
     deadline = time.time() + 600
-    while (d / f"{cfg['name']}.hold").exists() and time.time() < deadline:
+    while (d / f"{job.name}.hold").exists() and time.time() < deadline:
         time.sleep(0.1)
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """Ray Train entry point. ``cfg`` keys: init_path, data_path, output_dir, learning_rate, epochs,
-    batch_size, grad_accum, weight_decay, warmup_ratio, max_length, zero_stage, bf16,
-    gradient_checkpointing, seed, trust_remote_code, name; optional checkpoint_every_steps (default 0:
-    checkpoint at the end of each epoch but the last; k > 0: also every k optimizer steps; None: never)."""
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: a ``FinetuneJob`` as ``FinetuneJob.to_loop_config`` wrote it (its
+    spec's ``checkpoint_every_steps``: 0 = checkpoint at the end of each epoch but the last; k > 0: also
+    every k optimizer steps; None: never)."""
     import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    job = FinetuneJob.from_loop_config(config)
+    spec = job.spec
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg["seed"])
-    random.seed(cfg["seed"])
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["init_path"], trust_remote_code=cfg["trust_remote_code"])
+    tokenizer = AutoTokenizer.from_pretrained(job.init_path, trust_remote_code=spec.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg["init_path"], dtype=dtype,
-                                                 trust_remote_code=cfg["trust_remote_code"])
-    if cfg["gradient_checkpointing"]:
+    dtype = torch.bfloat16 if spec.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(job.init_path, dtype=dtype,
+                                                 trust_remote_code=spec.trust_remote_code)
+    if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
 
-    encoded = [e for e in (encode_example(tokenizer, ex["messages"], cfg["max_length"])
-                           for ex in read_examples(cfg["data_path"])) if e is not None]
+    encoded = [e for e in (encode_example(tokenizer, ex["messages"], spec.max_length)
+                           for ex in read_examples(job.data_path)) if e is not None]
     if not encoded:
-        raise ValueError(f"{cfg['name']}: no trainable examples in {cfg['data_path']}")
+        raise ValueError(f"{job.name}: no trainable examples in {job.data_path}")
     # Every rank must take the same number of steps: each epoch's permutation is padded by wrapping.
     per_rank = math.ceil(len(encoded) / world)
-    steps_per_epoch = math.ceil(per_rank / cfg["batch_size"])  # micro-batches per epoch, on every rank
-    total_micro = cfg["epochs"] * steps_per_epoch
-    total_steps = max(1, total_micro // cfg["grad_accum"])
-    every = cfg.get("checkpoint_every_steps", 0)
+    steps_per_epoch = math.ceil(per_rank / spec.batch_size)  # micro-batches per epoch, on every rank
+    total_micro = spec.epochs * steps_per_epoch
+    total_steps = max(1, total_micro // spec.grad_accum)
+    every = spec.checkpoint_every_steps
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg, total_steps))
+                                           config=deepspeed_config(spec, total_steps))
     pad_id = tokenizer.pad_token_id
     probe = encoded[:LOSS_PROBE_EXAMPLES]
-    fingerprint = _fingerprint(cfg, len(encoded), world)
-    state = _restore(engine, fingerprint, world, cfg["name"]) if every is not None else None
+    fingerprint = _fingerprint(job, len(encoded), world)
+    state = _restore(engine, fingerprint, world, job.name) if every is not None else None
     resumed_at = state["next"] if state else None
     if state is None:
         engine.eval()
         state = {"fingerprint": fingerprint, "next": 0, "loss_before": _mean_loss(engine, probe, pad_id,
-                 cfg["batch_size"], device), "epoch_losses": [], "running": 0.0, "seen": 0}
+                 spec.batch_size, device), "epoch_losses": [], "running": 0.0, "seen": 0}
     else:
         _set_rng(state["rng"])
     hook_pending = resumed_at is None
     engine.train()
-    for epoch in range(cfg["epochs"]):
+    for epoch in range(spec.epochs):
         if state["next"] >= (epoch + 1) * steps_per_epoch:
             continue  # finished before the checkpoint this run resumed from
         order = list(range(len(encoded)))
-        random.Random(f"{cfg['seed']}:{epoch}").shuffle(order)
+        random.Random(f"{spec.seed}:{epoch}").shuffle(order)
         order = (order * (world + 1))[: per_rank * world]
         mine = [encoded[i] for i in order[rank::world]]
-        for b, batch in enumerate(_batches(mine, cfg["batch_size"])):
+        for b, batch in enumerate(_batches(mine, spec.batch_size)):
             i = epoch * steps_per_epoch + b  # this micro-batch's place in the whole run
             if i < state["next"]:
                 continue
@@ -282,38 +288,38 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 metrics["train_loss"] = state["epoch_losses"][-1]
             # Only at an accumulation boundary (no half-accumulated gradient to lose), and not after the
             # last micro-batch: the export that follows is the final checkpoint.
-            boundary = (i + 1) % cfg["grad_accum"] == 0 and i + 1 < total_micro
-            steps_done = (i + 1) // cfg["grad_accum"]
+            boundary = (i + 1) % spec.grad_accum == 0 and i + 1 < total_micro
+            steps_done = (i + 1) // spec.grad_accum
             due = every is not None and boundary and (epoch_end or (every > 0 and steps_done % every == 0))
             if due:
                 state["rng"] = _get_rng()
                 _save_state(engine, state, rank, metrics)
                 if hook_pending:
-                    _fault_hook(cfg, rank)
+                    _fault_hook(job, rank)
                     hook_pending = False
             elif epoch_end:
                 ray.train.report(metrics)
     engine.eval()
-    loss_after = _mean_loss(engine, probe, pad_id, cfg["batch_size"], device)
-    metrics = {"name": cfg["name"], "examples": len(encoded), "epochs": cfg["epochs"], "steps": total_steps,
+    loss_after = _mean_loss(engine, probe, pad_id, spec.batch_size, device)
+    metrics = {"name": job.name, "examples": len(encoded), "epochs": spec.epochs, "steps": total_steps,
                "loss_before": state["loss_before"], "loss_after": loss_after, "epoch_losses": state["epoch_losses"],
-               "world_size": world, "zero_stage": cfg["zero_stage"]}
+               "world_size": world, "zero_stage": spec.zero_stage}
     if resumed_at is not None:
         metrics["resumed_after_micro_batches"] = resumed_at
-    _export(engine, model, tokenizer, cfg, metrics, rank)
+    _export(engine, model, tokenizer, job, metrics, rank)
     if dist.is_initialized():
         dist.barrier()
 
 
-def _export(engine: Any, model: Any, tokenizer: Any, cfg: dict[str, Any], metrics: dict, rank: int) -> None:
+def _export(engine: Any, model: Any, tokenizer: Any, job: FinetuneJob, metrics: dict, rank: int) -> None:
     """Write the HF checkpoint to a temporary sibling, then rename it to ``output_dir`` (rank 0)."""
-    if cfg["zero_stage"] == 3:
+    if job.spec.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank must call it
     else:
         state = None
     if rank != 0:
         return
-    out = Path(cfg["output_dir"])
+    out = Path(job.output_dir)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model_to_save = engine.module if hasattr(engine, "module") else model
@@ -325,5 +331,5 @@ def _export(engine: Any, model: Any, tokenizer: Any, cfg: dict[str, Any], metric
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    logger.info("%s: exported %s (loss %.4f -> %.4f)", cfg["name"], out, metrics["loss_before"],
+    logger.info("%s: exported %s (loss %.4f -> %.4f)", job.name, out, metrics["loss_before"],
                 metrics["loss_after"])

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from mft_ray.errors import TemplateError
+
 IGNORE = -100
-
-
-class TemplateError(ValueError):
-    """The chat template does not render conversation prefixes as token prefixes."""
 
 
 def _ids(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:

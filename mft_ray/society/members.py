@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GENERATOR, CRITIC, SUMMARIZER = "generator", "critic", "summarizer"
-ROLES = (GENERATOR, CRITIC, SUMMARIZER)
 
 
 @dataclass(frozen=True, order=True)

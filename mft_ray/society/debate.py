@@ -10,10 +10,43 @@ and label the other agents' responses with theirs; the default style ignores the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import total_ordering
 from typing import Sequence
 
 from mft_ray.engines.base import Conversation
-from mft_ray.prompts import PromptSet, agent_id
+from mft_ray.society.members import CRITIC, GENERATOR, SUMMARIZER
+from mft_ray.society.prompts import PromptSet, agent_id
+
+# Within a round, the order the roles run: round 1 is the generators'; in each round m > 1 the summarizer
+# condenses round m-1 before the critics answer.
+_ROLE_RANK = {GENERATOR: 0, SUMMARIZER: 1, CRITIC: 2}
+
+
+@total_ordering
+@dataclass(frozen=True)
+class Turn:
+    """One step of a debate: every agent's ``role`` turn in round ``round`` (1-based).
+
+    The coordinator keys a debate's ObjectRefs by Turn: (1, generator), then for m = 2..M
+    (m, summarizer) unless summaries are off, and (m, critic). Turns sort in the order they run, by
+    round and then generator < summarizer < critic, so ``max(turns)`` is the final turn, the one voted
+    on. ``str(turn)`` is "<round>/<role>", for logs.
+    """
+
+    round: int
+    role: str
+
+    def __post_init__(self) -> None:
+        if self.role not in _ROLE_RANK:
+            raise ValueError(f"a debate turn's role is one of {list(_ROLE_RANK)}, got {self.role!r}")
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Turn):
+            return NotImplemented
+        return (self.round, _ROLE_RANK[self.role]) < (other.round, _ROLE_RANK[other.role])
+
+    def __str__(self) -> str:
+        return f"{self.round}/{self.role}"
 
 
 @dataclass

@@ -42,6 +42,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 
+from mft_ray.methods.registry import SHARED_UNIT, Method, train_units
+from mft_ray.society.members import CRITIC, GENERATOR
+from mft_ray.society.voting import majority_vote, vote_rng
+
 logger = logging.getLogger(__name__)
 
 Example = dict[str, Any]  # {"problem_id": str, "messages": [{"role", "content", ["weight"]}, ...]}
@@ -143,8 +147,6 @@ def pooled(sets: Sequence[AgentSets]) -> list[Example]:
 def majority_ft(records: pa.Table, equivalent: Callable[[str, str], bool], vote_seed: int) -> list[Example]:
     """Majority FT data: round-1 replies (independent samples, no debate) that agree with the
     majority vote over round 1."""
-    from mft_ray.voting import majority_vote, vote_rng
-
     out = []
     for pid, rows in sorted(_by_problem(records).items()):
         first = [rows[k] for k in sorted(rows) if k[0] == "generator" and k[2] == 1]
@@ -207,3 +209,45 @@ def star_examples(records: pa.Table, labels: Mapping[str, str], rationalizations
         # The un-hinted round-1 prompt: at test time there is no hint to lean on.
         examples.append({"problem_id": pid, "messages": _conversation({**row, "response": response})})
     return examples, counts
+
+
+def build_sets(method: Method, records: pa.Table, equivalent: Callable[[str, str], bool], *, agents: int,
+               rounds: int, w: float, mix_seed: int, vote_seed: int) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+    """Every label-free rule: ({file stem: examples}, counts) from one finetune-split debate.
+
+    Takes no labels by construction; STaR (the one rule that needs them) goes through
+    ``build_star_sets``. ``counts["trained"]`` gives the size of each train unit's set.
+    """
+    if method.uses_labels or method.rule == "star":
+        raise ValueError(f"method {method.name!r} reads ground-truth labels: use build_star_sets")
+    if method.evaluation_only:
+        raise ValueError(f"method {method.name!r} trains nothing")
+    files: dict[str, list[Example]] = {}
+    counts: dict[str, Any] = {}
+    if method.rule in ("multiagent", "pooled"):
+        sets = build_agent_sets(records, equivalent, agents, rounds, w, seed=mix_seed)
+        for n, agent_sets in enumerate(sets):
+            counts[f"agent_{n}"] = agent_sets.counts()
+        if method.rule == "multiagent":
+            for n, agent_sets in enumerate(sets):
+                files[f"{GENERATOR}_{n}"] = agent_sets.generator
+                files[f"{CRITIC}_{n}"] = agent_sets.critic
+            # For comparison only (not trained): what the single-model baselines would learn from here.
+            files[SHARED_UNIT] = pooled(sets)
+            files["majority_ft"] = majority_ft(records, equivalent, vote_seed)
+        else:
+            files[SHARED_UNIT] = pooled(sets)
+    elif method.rule == "majority":
+        files[SHARED_UNIT] = majority_ft(records, equivalent, vote_seed)
+    else:
+        raise ValueError(f"unknown dataset rule {method.rule!r}")
+    counts["trained"] = {u.name: len(files[u.name]) for u in train_units(method, agents)}
+    return files, counts
+
+
+def build_star_sets(records: pa.Table, labels: Mapping[str, str], rationalizations: Sequence[dict[str, Any]],
+                    is_correct: Callable[[str | None, str], bool],
+                    extract_answer: Callable[[str], str | None]) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+    """STaR's set (``finetune_sets.star_examples``) as ({file stem: examples}, counts)."""
+    examples, star_counts = star_examples(records, labels, rationalizations, is_correct, extract_answer)
+    return {SHARED_UNIT: examples}, {"star": star_counts, "trained": {SHARED_UNIT: len(examples)}}

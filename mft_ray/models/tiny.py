@@ -1,25 +1,19 @@
-"""Built-in models: tiny Llama-architecture checkpoints built locally, never downloaded.
+"""Tiny Llama-architecture models and their tokenizers, built locally (never downloaded).
 
-``builtin:tiny-random`` is a randomly initialised 2-layer Llama with a character-level tokenizer and a chat
-template. It answers nothing useful; it exists so that the whole pipeline (engines, actors, Ray Train)
-runs on a laptop CPU and in CI with a real Hugging Face model. Built models are cached under
-``$MFT_CACHE_DIR`` (default ``~/.cache/mft_ray``) keyed by their settings, and written atomically.
+``build_tiny_llama`` writes a randomly initialised Llama with a character- or word-level tokenizer and a
+chat template; ``builtin:tiny-random`` is one, and the testbed (``mft_ray.models.testbed``) pretrains
+another. They exist so that the whole pipeline (engines, actors, Ray Train) runs on a laptop CPU and in CI
+with a real Hugging Face model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
-
-logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 UNK_TOKEN = "<|unk|>"
@@ -134,69 +128,3 @@ def build_tiny_llama(out_dir: str | os.PathLike, spec: TinyModelSpec = TinyModel
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MFT_CACHE_DIR", Path.home() / ".cache" / "mft_ray")).expanduser()
-
-
-def _build_cached(name: str, key: str, builder: Callable[[Path], object]) -> Path:
-    """Build into a temporary sibling and rename, so a crash never leaves a directory that looks done."""
-    target = cache_dir() / "models" / f"{name}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        logger.info("building built-in model %s into %s", name, target)
-        builder(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _testbed_spec(name: str):
-    from mft_ray.testbed import MINI_TESTBED, TestbedSpec
-
-    return MINI_TESTBED if name == "testbed-mini" else TestbedSpec()
-
-
-def _builder(name: str) -> tuple[str, Callable[[Path], object]]:
-    """The cache key of a built-in model and the function that builds it into a directory."""
-    if name == "tiny-random":
-        spec = TinyModelSpec()
-        return spec.key(), lambda p: build_tiny_llama(p, spec)
-    from mft_ray.testbed import pretrain
-
-    testbed = _testbed_spec(name)
-    return testbed.key(), lambda p: pretrain(p, testbed)
-
-
-BUILTIN_MODELS: dict[str, str] = {
-    "tiny-random": "random weights: exercises the pipeline, answers nothing",
-    "testbed": "pretrained on arithmetic debate turns in ~9 minutes; answers 30-70% right (see testbed.py)",
-    "testbed-mini": "a 30-second version for tests (operands 0..3): parseable, agents often agree",
-}
-
-
-def builtin_model_dir(name: str) -> Path:
-    """Where built-in model ``name`` is (or will be) cached; builds nothing."""
-    return cache_dir() / "models" / f"{name}-{_builder(name)[0]}"
-
-
-def resolve_model_path(path: str) -> str:
-    """Turn ``builtin:<name>`` into a local checkpoint directory (building it once); pass others through."""
-    from mft_ray.config import BUILTIN_PREFIX
-
-    if path.startswith(BUILTIN_PREFIX):
-        name = path[len(BUILTIN_PREFIX):]
-        if name not in BUILTIN_MODELS:
-            raise ValueError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
-        key, build = _builder(name)
-        return str(_build_cached(name, key, build))
-    return path

@@ -3,7 +3,7 @@
 Every prompt is a plain user message; the model's own chat template renders it both at inference and
 in training, so the two never disagree (a defect of the authors' code).
 
-A ``PromptSet`` has a *style*, chosen by the method (``mft_ray.methods``):
+A ``PromptSet`` has a *style*, chosen by the method (``mft_ray.methods.registry``):
 
 - ``debate`` (default): the critic is asked to examine its own and the other agents' solutions and
   give an updated answer (Du et al.). These texts are fixed: the built-in testbeds were trained on them.

@@ -146,3 +146,8 @@ def checkpoint_problem(path: str | os.PathLike, require_metrics: bool = True) ->
 def checkpoint_is_complete(path: str | os.PathLike) -> bool:
     """True if ``path`` holds a whole exported finetune checkpoint (see ``checkpoint_problem``)."""
     return checkpoint_problem(path) is None
+
+
+def read_train_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """The training metrics a finetune exported with its checkpoint (``METRICS_NAME`` in ``path``)."""
+    return json.loads((Path(path) / METRICS_NAME).read_text())

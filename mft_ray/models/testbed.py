@@ -18,9 +18,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mft_ray.debate import TurnBatch, critic_messages, round1_messages, summary_messages
-from mft_ray.models import TinyModelSpec, build_tiny_llama
-from mft_ray.prompts import PromptSet
+from mft_ray.models.tiny import TinyModelSpec, build_tiny_llama
+from mft_ray.society.debate import TurnBatch, critic_messages, round1_messages, summary_messages
+from mft_ray.society.prompts import PromptSet
 from mft_ray.tasks.arithmetic import arithmetic_question
 
 logger = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def _fourier_init(model, tok, scale: float) -> None:
     """Write cos/sin of each number token's value into its first embedding dims."""
     import torch
 
-    from mft_ray.models import MAX_NUMBER_TOKEN
+    from mft_ray.models.tiny import MAX_NUMBER_TOKEN
 
     if scale <= 0:
         return

@@ -22,7 +22,10 @@ import asyncio
 import hashlib
 import time
 import uuid
-from typing import Any, Iterable
+from typing import Any
+
+from mft_ray.society.debate import Turn
+from mft_ray.society.members import SUMMARIZER
 
 Event = dict[str, Any]
 
@@ -35,12 +38,13 @@ def question_key(question: str, seed: int) -> str:
     return f"{hashlib.sha256(question.encode()).hexdigest()[:16]}-{seed}"
 
 
-def turn_event(turn: str, agent: int, text: str, answer: str | None) -> Event:
-    """The event of one agent's turn; ``turn`` is the coordinator's key "<round>/<role>"."""
-    round_, role = turn.split("/")
-    if role == "summarizer":
-        return {"type": SUMMARY, "round": int(round_), "role": role, "agent": agent, "text": text}
-    return {"type": RESPONSE, "round": int(round_), "role": role, "agent": agent, "text": text, "answer": answer}
+def turn_event(turn: Turn, agent: int, text: str, answer: str | None) -> Event:
+    """The event of agent ``agent``'s part of ``turn`` (the coordinator's key); round and role go into
+    the event as a plain int and str, so clients need no mft_ray type to read it."""
+    if turn.role == SUMMARIZER:
+        return {"type": SUMMARY, "round": turn.round, "role": turn.role, "agent": agent, "text": text}
+    return {"type": RESPONSE, "round": turn.round, "role": turn.role, "agent": agent, "text": text,
+            "answer": answer}
 
 
 class EventStream:
@@ -68,10 +72,6 @@ class EventStream:
             self.finished_at = time.monotonic()
         self._changed.set()
         return event
-
-    def extend(self, events: Iterable[Event]) -> None:
-        for event in events:
-            self.append(event)
 
     async def read(self, cursor: int, timeout_s: float) -> tuple[list[Event], bool]:
         """Events from ``cursor`` on, waiting up to ``timeout_s`` for at least one; and whether the stream

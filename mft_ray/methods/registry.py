@@ -64,15 +64,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
-import pyarrow as pa
 import yaml
 
-from mft_ray.config import Config, ConfigError
-from mft_ray.finetune_sets import Example, build_agent_sets, majority_ft, pooled, star_examples
-from mft_ray.prompts import PromptSet
-from mft_ray.society import CRITIC, GENERATOR, Member
+from mft_ray.config import Config
+from mft_ray.errors import ConfigError
+from mft_ray.society.members import CRITIC, GENERATOR, Member
+from mft_ray.society.prompts import PromptSet
+from mft_ray.tasks import make_task
 
 RULES = ("none", "multiagent", "pooled", "majority", "star")
 SHARED_UNIT = "single_agent"  # dataset file stem and checkpoint folder of the single-model methods
@@ -134,7 +134,6 @@ METHODS: dict[str, Method] = _methods(
     Method("majority_ft", "Majority FT", "majority", shared_model=True, collect_rounds=1),
     Method("star", "STaR", "star", shared_model=True, uses_labels=True, collect_rounds=1),
 )
-METHOD_NAMES = tuple(METHODS)
 
 
 def get_method(name: str) -> Method:
@@ -188,8 +187,6 @@ def describe(config: Config) -> dict[str, Any]:
 
 def prompt_set(config: Config) -> PromptSet:
     """The task's answer instruction in the prompt style of ``config.method``."""
-    from mft_ray.tasks import make_task
-
     return PromptSet(make_task(config.task).answer_instruction, get_method(config.method).prompt_style)
 
 
@@ -213,48 +210,6 @@ def society_after(method: Method, agents: int, trained: Mapping[str, str],
         for member in unit.members:
             society[str(member)] = trained[unit.name]
     return society
-
-
-def build_sets(method: Method, records: pa.Table, equivalent: Callable[[str, str], bool], *, agents: int,
-               rounds: int, w: float, mix_seed: int, vote_seed: int) -> tuple[dict[str, list[Example]], dict[str, Any]]:
-    """Every label-free rule: ({file stem: examples}, counts) from one finetune-split debate.
-
-    Takes no labels by construction; STaR (the one rule that needs them) goes through
-    ``build_star_sets``. ``counts["trained"]`` gives the size of each train unit's set.
-    """
-    if method.uses_labels or method.rule == "star":
-        raise ValueError(f"method {method.name!r} reads ground-truth labels: use build_star_sets")
-    if method.evaluation_only:
-        raise ValueError(f"method {method.name!r} trains nothing")
-    files: dict[str, list[Example]] = {}
-    counts: dict[str, Any] = {}
-    if method.rule in ("multiagent", "pooled"):
-        sets = build_agent_sets(records, equivalent, agents, rounds, w, seed=mix_seed)
-        for n, agent_sets in enumerate(sets):
-            counts[f"agent_{n}"] = agent_sets.counts()
-        if method.rule == "multiagent":
-            for n, agent_sets in enumerate(sets):
-                files[f"{GENERATOR}_{n}"] = agent_sets.generator
-                files[f"{CRITIC}_{n}"] = agent_sets.critic
-            # For comparison only (not trained): what the single-model baselines would learn from here.
-            files[SHARED_UNIT] = pooled(sets)
-            files["majority_ft"] = majority_ft(records, equivalent, vote_seed)
-        else:
-            files[SHARED_UNIT] = pooled(sets)
-    elif method.rule == "majority":
-        files[SHARED_UNIT] = majority_ft(records, equivalent, vote_seed)
-    else:
-        raise ValueError(f"unknown dataset rule {method.rule!r}")
-    counts["trained"] = {u.name: len(files[u.name]) for u in train_units(method, agents)}
-    return files, counts
-
-
-def build_star_sets(records: pa.Table, labels: Mapping[str, str], rationalizations: Sequence[dict[str, Any]],
-                    is_correct: Callable[[str | None, str], bool],
-                    extract_answer: Callable[[str], str | None]) -> tuple[dict[str, list[Example]], dict[str, Any]]:
-    """STaR's set (``finetune_sets.star_examples``) as ({file stem: examples}, counts)."""
-    examples, star_counts = star_examples(records, labels, rationalizations, is_correct, extract_answer)
-    return {SHARED_UNIT: examples}, {"star": star_counts, "trained": {SHARED_UNIT: len(examples)}}
 
 
 def check_run_method(run_root: str | Path, method: str) -> None:

@@ -15,13 +15,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mft_ray.multirun import DIVERSITY_METRICS, fmt, method_title
-from mft_ray.records import write_text_atomic
+from mft_ray.reports.tables import DIVERSITY_METRICS, fmt, method_title
+from mft_ray.run.files import atomic_path, write_text_atomic
+from mft_ray.run.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
-TABLE_NAME = "results.md"
-PLOT_NAME = "accuracy.png"
 
 
 def _examples(datasets: dict[str, Any] | None) -> tuple[int, int] | int | None:
@@ -83,7 +82,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 
 def diversity_table(summary: dict[str, Any]) -> str:
-    """Diversity of the society's final responses per iteration (``mft_ray.diversity``), as Markdown."""
+    """Diversity of the society's final responses per iteration (``mft_ray.metrics.diversity``), as Markdown."""
     lines = ["Diversity per iteration (definitions in mft_ray/diversity.py):", "",
              "| Iteration | Consensus | " + " | ".join(label for _, label in DIVERSITY_METRICS) + " |",
              "|---|---|" + "---|" * len(DIVERSITY_METRICS)]
@@ -116,21 +115,19 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(path)
-    tmp = out.with_name(f".{out.name}.partial")
-    fig.savefig(tmp, format="png")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(out)
     return out
 
 
-def write_report(run_dir: str | Path, summary: dict[str, Any]) -> str:
-    """Write ``results.md`` and ``accuracy.png`` into the run directory; return the table."""
+def write_report(run: RunDir, summary: dict[str, Any]) -> str:
+    """Write the results table and the accuracy plot into the run directory; return the table."""
     table = markdown_table(summary)
-    root = Path(run_dir)
-    text = f"# Results\n\n{table}\n{diversity_table(summary)}\n![accuracy per iteration]({PLOT_NAME})\n"
-    if (root / PLOT_NAME).is_file() and (root / TABLE_NAME).is_file() and (root / TABLE_NAME).read_text() == text:
+    text = f"# Results\n\n{table}\n{diversity_table(summary)}\n![accuracy per iteration]({run.plot_path.name})\n"
+    if run.plot_path.is_file() and run.report_path.is_file() and run.report_path.read_text() == text:
         return table  # a resumed, finished run: nothing changed, rewrite nothing
-    write_text_atomic(text, root / TABLE_NAME)
-    plot_accuracy(summary, root / PLOT_NAME)
-    logger.info("wrote %s and %s", root / TABLE_NAME, root / PLOT_NAME)
+    write_text_atomic(text, run.report_path)
+    plot_accuracy(summary, run.plot_path)
+    logger.info("wrote %s and %s", run.report_path, run.plot_path)
     return table

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+from mft_ray.society.voting import majority_vote, vote_rng
 from mft_ray.tasks import Problem, Task
-from mft_ray.voting import majority_vote, vote_rng
 
 
 def accuracy_with_stderr(correct: Sequence[bool]) -> tuple[float, float]:

@@ -5,7 +5,7 @@ example keeps ``"weight": 0`` on its round-1 reply (OpenAI's own convention, whi
 use), so a hosted finetune, like the local one, learns only the critic turns. Nothing here talks to
 the network: docs/hosted_models.md says how to upload the files and start the jobs.
 
-    from mft_ray.api_finetune import export_datasets_dir
+    from mft_ray.methods.openai_export import export_datasets_dir
     export_datasets_dir("runs/x/iter_1/datasets", "runs/x/iter_1/openai_finetune")
 
 writes ``generator_<n>.jsonl`` and ``critic_<n>.jsonl`` (one per agent with examples) and, last,
@@ -18,11 +18,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from mft_ray.finetune_sets import AgentSets, Example
-from mft_ray.records import write_json_atomic, write_text_atomic
-from mft_ray.society import CRITIC, GENERATOR
+from mft_ray.errors import ExportError
+from mft_ray.methods.datasets import AgentSets, Example
+from mft_ray.run.files import write_json_atomic, write_text_atomic
+from mft_ray.society.members import CRITIC, GENERATOR
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ logger = logging.getLogger(__name__)
 OPENAI_MIN_EXAMPLES = 10
 MANIFEST = "manifest.json"
 _ROLES = ("system", "user", "assistant")
-
-
-class ExportError(ValueError):
-    """An example cannot be expressed in the fine-tuning format; the message says which and why."""
 
 
 def openai_example(example: Example, where: str = "example") -> dict[str, Any]:
@@ -61,15 +58,6 @@ def openai_example(example: Example, where: str = "example") -> dict[str, Any]:
     if out[-1].get("weight", 1) == 0:
         raise ExportError(f"{where}: the assistant target (last message) has weight 0; nothing would be learned")
     return {"messages": out}
-
-
-def write_openai_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> int:
-    """Write ``examples`` as fine-tuning JSONL at ``path`` atomically; returns the number of lines."""
-    path = Path(path)
-    lines = [json.dumps(openai_example(ex, f"{path.name} example {i}"), ensure_ascii=False)
-             for i, ex in enumerate(examples)]
-    write_text_atomic("".join(line + "\n" for line in lines), path)
-    return len(lines)
 
 
 def export_sets(sets: Mapping[str, Sequence[Example]], out_dir: str | os.PathLike) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from mft_ray.multirun import DIVERSITY_METRICS, Run, task_title, transfer_bars
+from mft_ray.run.files import atomic_path
+from mft_ray.reports.tables import DIVERSITY_METRICS, Run, task_title, transfer_bars
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,9 @@ def _plt() -> Any:
 def _save(fig: Any, path: str | Path) -> Path:
     """Write via a temporary name and rename: a figure is complete or absent."""
     out = Path(path)
-    tmp = out.with_name(f".{out.name}.partial")
-    fig.savefig(tmp, format="png")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
     _plt().close(fig)
-    tmp.replace(out)
     return out
 
 

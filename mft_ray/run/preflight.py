@@ -1,8 +1,11 @@
-"""Checks a job runs before it touches the run directory or starts Ray, so that bad input fails at once.
+"""Checks a job runs once, on the driver, before it touches the run directory or starts Ray, so that bad
+input fails at once with a message naming the setting.
 
-Config values are checked when the config is built (``mft_ray.config``) and data files when the task
-loads them (``mft_ray.tasks``). What is left needs a look outside the config: whether the splits the
-job is about to use hold any problems, and whether an OpenAI-compatible endpoint accepts connections.
+Each config dataclass checks only its own fields when built (``mft_ray.config``) and data files are
+checked when the task loads them (``mft_ray.tasks``). What needs a look outside the config is here
+(``check_config``): names against the registries (methods, built-in models), files and model directories
+on this disk, and whether an OpenAI-compatible endpoint accepts connections; and whether the splits the
+job is about to use hold any problems (``require_problems``).
 """
 
 from __future__ import annotations
@@ -10,14 +13,43 @@ from __future__ import annotations
 import logging
 import socket
 import urllib.request
+from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
 
-from mft_ray.config import ConfigError
+from mft_ray.config import Config, ModelConfig
+from mft_ray.errors import ConfigError
+from mft_ray.methods.registry import get_method
+from mft_ray.models.builtin import validate_model_path
 
 logger = logging.getLogger(__name__)
 
 _SKIP_HINT = "(if only the cluster's nodes can reach it, set model.check_endpoint=false)"
+
+
+def check_config(config: Config, endpoint: bool = True) -> None:
+    """Refuse a config that names something that is not there: an unknown method, a missing data file, a
+    model path that holds no model, or (``endpoint``) an OpenAI-compatible server that accepts no
+    connection."""
+    get_method(config.method)
+    for key in ("path", "eval_path"):
+        value = getattr(config.task, key)
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ConfigError(f"task.{key}: no such file: {value}")
+    model = config.model
+    if model.engine != "openai":
+        validate_model_path(model.path, "model.path")
+    if config.metrics.nll_model is not None:
+        validate_model_path(config.metrics.nll_model, "metrics.nll_model")
+    if endpoint:
+        check_model_endpoint(model)
+
+
+def check_model_endpoint(model: ModelConfig) -> None:
+    """For ``engine: openai`` (unless ``model.check_endpoint`` is off): refuse a ``base_url`` that accepts
+    no connection."""
+    if model.engine == "openai" and model.check_endpoint and model.base_url:
+        check_endpoint(model.base_url, timeout_s=min(model.request_timeout_s, 10.0))
 
 
 def require_problems(problems: Sequence[object], split: str, purpose: str | None = None) -> None:

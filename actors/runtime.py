@@ -1,0 +1,108 @@
+"""The stages' ``Runtime`` on Ray: what ``mft_ray.stages`` asks of the cluster, done with actors.
+
+Each call places what it needs (a ``SocietyGroup``, Ray Train workers), uses it and releases it, so the
+stages stay free of Ray and a test can hand them a fake runtime instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping, Sequence
+
+import ray
+
+from actors.finetune import check_finetunes_fit, run_finetunes
+from actors.group import SocietyGroup
+from mft_ray.config import Config, FinetuneConfig
+from mft_ray.engines import Conversation, SamplingParams
+from mft_ray.errors import EngineError, PlacementError
+from mft_ray.society.members import Member
+from mft_ray.tasks import Problem
+from mft_ray.training.spec import FinetuneJob
+
+logger = logging.getLogger(__name__)
+
+HELDOUT = "heldout"  # the held-out scorer's one member
+
+
+class RayHeldoutScorer:
+    """The held-out model (``metrics.nll_model``, default the base model) in a one-member group, placed like
+    any agent. It starts loading at construction, so the driver's embedding work overlaps it."""
+
+    def __init__(self, config: Config) -> None:
+        model, path = config.model, config.metrics.nll_model or config.model.path
+        if model.engine == "openai":
+            if config.metrics.nll_model is None:
+                raise EngineError("held-out NLL skipped: engine 'openai' cannot score text; set "
+                                  "metrics.nll_model to a local checkpoint, or metrics.nll_problems=0")
+            model = dataclasses.replace(model, engine="hf")  # a local checkpoint next to a served society
+        self.timeout_s = config.resources.placement_timeout_s
+        try:
+            # No restarts: a scorer that crashed (e.g. out of memory) would crash again; the metric is skipped.
+            self.group = SocietyGroup(config, {HELDOUT: path}, name="heldout-scorer", members=[HELDOUT],
+                                      model=model, wait=False, max_restarts=0)
+        except PlacementError as exc:
+            raise EngineError(f"held-out NLL skipped: the scoring actor cannot be placed: {exc}") from exc
+
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
+        """Mean per-token NLL of each completion (``Engine.score``); EngineError if it cannot be had."""
+        try:
+            # Bounded like a society's placement: a scorer the cluster cannot start is skipped, not waited for.
+            self.group.wait_ready(self.timeout_s)
+            return ray.get(self.group.async_score(HELDOUT, conversations, completions))
+        except ray.exceptions.GetTimeoutError as exc:
+            raise EngineError(f"held-out NLL skipped: the scoring actor did not start within "
+                              f"{self.timeout_s:.0f}s (resources.placement_timeout_s)") from exc
+        except EngineError:
+            raise
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            # E.g. out of memory while scoring: the debate and its other metrics are worth keeping.
+            raise EngineError(f"held-out NLL skipped: scoring failed: {str(exc).splitlines()[-1]}") from exc
+
+    def close(self) -> None:
+        self.group.shutdown()
+
+
+class RayRuntime:
+    """``mft_ray.stages.Runtime`` on the Ray cluster this process is connected to."""
+
+    def debate(self, config: Config, iteration: int, split: str, problems: Sequence[Problem], out_dir: str,
+               model_paths: Mapping[Member, str] | None = None) -> dict[str, Any]:
+        """Debate ``problems`` with a society (placed, loaded, then released); write records to ``out_dir``.
+
+        Only ids and question texts reach the actors: ground-truth answers never leave the driver.
+        """
+        with SocietyGroup(config, model_paths, name=f"society-iter{iteration}-{split}") as group:
+            return ray.get(group.async_debate(iteration, split, [(p.id, p.question) for p in problems], str(out_dir)))
+
+    def generate(self, config: Config, model_paths: Mapping[Member, str] | None,
+                 requests: Mapping[str, Sequence[Conversation]], seed_parts: Sequence[object],
+                 name: str = "society-generate") -> dict[str, list[str]]:
+        """Member name -> one reply per conversation in ``requests[member]``, in order.
+
+        Each member's call is seeded by (sampling.seed, *seed_parts, member), so a rerun reproduces it.
+        Members without conversations get an empty list and no call.
+        """
+        wanted = {m: list(c) for m, c in requests.items() if c}
+        if not wanted:
+            return {m: [] for m in requests}
+        with SocietyGroup(config, model_paths, name=name) as group:
+            unknown = sorted(set(wanted) - set(group.routes))
+            if unknown:
+                raise ValueError(f"no such society member(s): {unknown}; members: {sorted(group.routes)}")
+            base = SamplingParams.from_config(config.sampling)
+            refs = {m: group.async_generate(m, convs, base.derive(*seed_parts, m)) for m, convs in wanted.items()}
+            logger.info("%s: %d conversations for %s", name, sum(map(len, wanted.values())), ", ".join(wanted))
+            replies = {m: ray.get(ref) for m, ref in refs.items()}
+        return {m: replies.get(m, []) for m in requests}
+
+    def heldout_scorer(self, config: Config) -> RayHeldoutScorer:
+        return RayHeldoutScorer(config)
+
+    def check_finetunes_fit(self, finetune: FinetuneConfig) -> None:
+        check_finetunes_fit(finetune.num_workers, finetune.cpus_per_worker, finetune.gpus_per_worker)
+
+    def finetune(self, jobs: Sequence[FinetuneJob], finetune: FinetuneConfig, storage_path: str) -> dict[str, Any]:
+        return run_finetunes(list(jobs), finetune.num_workers, finetune.cpus_per_worker, finetune.gpus_per_worker,
+                             finetune.max_failures, storage_path=storage_path)
