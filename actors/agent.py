@@ -55,7 +55,7 @@ class AgentActor:
             local = model_path if self.model_cfg.engine == "openai" else resolve_model_path(model_path)
             self._engine = make_engine(self.model_cfg, local)
         except EngineError as exc:
-            # Raised by the first method call instead (SocietyActors calls info() at once): an error raised
+            # Raised by the first method call instead (SocietyGroup calls info() at once): an error raised
             # here reaches the driver only as text inside ActorDiedError (a remote traceback), while one
             # raised by a method keeps its type and message.
             self.load_error = exc

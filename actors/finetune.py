@@ -26,17 +26,13 @@ from typing import Any
 import ray
 
 from mft_ray.errors import FinetuneError
+from mft_ray.run.files import partial_path
 from mft_ray.training.export import checkpoint_is_complete, checkpoint_problem, read_train_metrics
 from mft_ray.training.spec import FinetuneJob
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FinetuneError", "check_finetunes_fit", "checkpoint_is_complete", "run_finetunes"]
-
-
-def _partial_export(job: FinetuneJob) -> Path:
-    out = Path(job.output_dir)
-    return out.with_name(f".{out.name}.partial")  # where training.loop._export writes before the rename
 
 
 def _usable_storage(experiment: Path) -> bool:
@@ -79,7 +75,7 @@ def _fit(job: FinetuneJob, workers: int, cpus: float, gpus: float, max_failures:
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - every failure gets the same clear message and clean-up
-        shutil.rmtree(_partial_export(job), ignore_errors=True)
+        shutil.rmtree(partial_path(job.output_dir), ignore_errors=True)  # where the loop exports before the rename
         raise FinetuneError(
             f"finetune {job.describe()} failed (finetune.max_failures={max_failures} restarts allowed): "
             f"{_cause(exc).rstrip('.')}. Nothing was exported to {job.output_dir}; a rerun resumes from its latest Ray "
@@ -121,10 +117,11 @@ def check_finetunes_fit(workers: int, cpus_per_worker: float, gpus_per_worker: f
                              "finetune.gpus_per_worker, or add nodes.")
 
 
-def run_finetunes(jobs: list[FinetuneJob], workers: int = 1, cpus_per_worker: float = 1.0,
-                  gpus_per_worker: float = 0.0, max_failures: int = 0,
-                  storage_path: str | None = None) -> dict[str, dict[str, Any]]:
-    """Run every job not already complete, concurrently; return each job's training metrics."""
+def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, cpus_per_worker: float = 1.0,
+                  gpus_per_worker: float = 0.0, max_failures: int = 0) -> dict[str, dict[str, Any]]:
+    """Run every job not already complete, concurrently; return each job's training metrics.
+
+    ``storage_path`` holds the Ray Train runs (``RunDir.ray_train_dir``): a killed finetune resumes there."""
     results: dict[str, dict[str, Any]] = {}
     pending = {}
     for job in jobs:
@@ -138,8 +135,7 @@ def run_finetunes(jobs: list[FinetuneJob], workers: int = 1, cpus_per_worker: fl
                            job.output_dir, why)
         if not pending:
             check_finetunes_fit(workers, cpus_per_worker, gpus_per_worker)
-        storage = storage_path or str(Path(job.output_dir).parent / "ray_train")
-        ref = _fit.remote(job, workers, cpus_per_worker, gpus_per_worker, max_failures, storage)
+        ref = _fit.remote(job, workers, cpus_per_worker, gpus_per_worker, max_failures, storage_path)
         pending[ref] = job
     total, start = len(pending), time.time()
     while pending:

@@ -104,5 +104,5 @@ class RayRuntime:
         check_finetunes_fit(finetune.num_workers, finetune.cpus_per_worker, finetune.gpus_per_worker)
 
     def finetune(self, jobs: Sequence[FinetuneJob], finetune: FinetuneConfig, storage_path: str) -> dict[str, Any]:
-        return run_finetunes(list(jobs), finetune.num_workers, finetune.cpus_per_worker, finetune.gpus_per_worker,
-                             finetune.max_failures, storage_path=storage_path)
+        return run_finetunes(list(jobs), storage_path, finetune.num_workers, finetune.cpus_per_worker,
+                             finetune.gpus_per_worker, finetune.max_failures)

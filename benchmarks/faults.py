@@ -10,13 +10,13 @@ Scenarios (each fault is injected into real processes or files, never simulated)
                  must fail with FinetuneError naming the agent and iteration, exporting nothing (counted
                  as failed_clearly, the configured behaviour).
   driver_kill    SIGKILL the jobs.iterate driver (and its local Ray) at the kill points of
-                 tests/test_iterate.py, rerunning the same command after each; survived if the final
+                 tests/integration/test_iterate.py, rerunning the same command after each; survived if the final
                  metrics and every checkpoint equal an uninterrupted run's.
   corrupt_file   truncate one file of each kind in the finished run (a debate shard, counts.json, a
                  finetuning set, society.json, finetunes.json, a checkpoint's weights, metrics files, a
                  Ray Train run snapshot) and rerun; survived if each is detected and redone and the final
                  metrics and checkpoints still equal the uninterrupted run's.
-  bad_input      tests/test_bad_input.py's refusal cases (its table, the real command line, unwritable
+  bad_input      tests/jobs/test_bad_input.py's refusal cases (its table, the real command line, unwritable
                  run directories), run by pytest: tried = cases run, refused clearly = cases passed (one
                  error line naming the problem, the expected exit code, no traceback, nothing left behind).
 
@@ -140,10 +140,10 @@ def train_worker_kills(work: Path, model: str) -> dict[str, Any]:
     import ray
 
     from actors.finetune import _fit
-    from jobs.common import unwrap_ray_error
+    from mft_ray.errors import root_cause
     from mft_ray.errors import FinetuneError
-    from tests.test_faults import _finetune_job, _kill_worker_after_first_checkpoint
-    from tests.test_iterate import _differs, _params
+    from tests.integration.test_faults import _finetune_job, _kill_worker_after_first_checkpoint
+    from tests.integration.test_iterate import _differs, _params
 
     hook = work / "hook"
     result: dict[str, Any] = {"injected": 0, "survived": 0, "failed_clearly": 0}
@@ -154,7 +154,7 @@ def train_worker_kills(work: Path, model: str) -> dict[str, Any]:
         ray.get(ref, timeout=600)
         result["max_failures_0"] = "finished (unexpected)"
     except FinetuneError as exc:
-        message = str(unwrap_ray_error(exc))  # the FinetuneError's own line, without Ray's traceback
+        message = str(root_cause(exc))  # the FinetuneError's own line, without Ray's traceback
         clean_fail = "generator_0 of iteration 1" in message and not Path(job.output_dir).exists()
         result["failed_clearly"] += int(clean_fail)
         result["max_failures_0"] = message
@@ -186,7 +186,7 @@ def _run_iterate(run_dir: Path, model: str) -> None:
 
 
 def _same_result(run: Path, reference: Path) -> bool:
-    from tests.test_iterate import _differs, _params
+    from tests.integration.test_iterate import _differs, _params
 
     a = json.loads((run / "metrics.json").read_text())["iterations"]
     b = json.loads((reference / "metrics.json").read_text())["iterations"]
@@ -217,7 +217,7 @@ def _run_records(run: Path, model: str) -> tuple[int, int]:
 
 def driver_kills(work: Path, model: str, reference: Path) -> dict[str, Any]:
     from tests.conftest import kill_session
-    from tests.test_iterate import ALL_KILL_POINTS, _assert_nothing_half_written
+    from tests.integration.test_iterate import ALL_KILL_POINTS, _assert_nothing_half_written
 
     run = work / "killed"
     cmd = _iterate_cmd(run, model)
@@ -313,9 +313,9 @@ def corrupt_files(run: Path, model: str, reference: Path) -> dict[str, Any]:
 
 
 def bad_inputs(work: Path) -> dict[str, Any]:
-    """Run tests/test_bad_input.py's refusal cases; a case counts as refused clearly when its test passes."""
+    """Run tests/jobs/test_bad_input.py's refusal cases; a case counts as refused clearly when its test passes."""
     report = work / "bad_input.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_bad_input.py",
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/jobs/test_bad_input.py",
                     "-k", "refused_clearly or exit_status or unwritable", f"--junitxml={report}"],
                    cwd=REPO, capture_output=True, text=True, timeout=1800)
     cases = ET.parse(report).getroot().iter("testcase")

@@ -88,13 +88,13 @@ def main() -> None:
 
     plain_s = plain_torch(model, str(data), spec)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    run_finetunes(jobs("warmup")[:1], cpus_per_worker=args.cpus_per_worker)  # DeepSpeed op load, worker start
+    run_finetunes(jobs("warmup")[:1], str(work / "ray_train"), cpus_per_worker=args.cpus_per_worker)  # DeepSpeed op load, worker start
     t = time.perf_counter()
-    run_finetunes(jobs("concurrent"), cpus_per_worker=args.cpus_per_worker)
+    run_finetunes(jobs("concurrent"), str(work / "ray_train"), cpus_per_worker=args.cpus_per_worker)
     concurrent_s = time.perf_counter() - t
     t = time.perf_counter()
     for job in jobs("sequential"):
-        run_finetunes([job], cpus_per_worker=args.cpus_per_worker)
+        run_finetunes([job], str(work / "ray_train"), cpus_per_worker=args.cpus_per_worker)
     sequential_s = time.perf_counter() - t
     ray.shutdown()
 

@@ -5,7 +5,7 @@
 Builds ``model.path`` (a ``builtin:`` testbed; timed, unless it is cached and --rebuild is not given),
 then asks every evaluation problem of the config's task ``--samples`` times with the round-1 generator
 prompt, under the config's sampling settings and greedily, with the HF engine. Reports single-sample
-accuracy ± standard error (the issue's target is 30%-70%), greedy accuracy, parse rate, how varied the
+accuracy ± standard error (the testbed's target is 30%-70%), greedy accuracy, parse rate, how varied the
 wrong answers are, and majority-of-samples accuracy. The last line printed is one JSON object.
 """
 

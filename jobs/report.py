@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from jobs.common import run_cli
 from mft_ray.errors import ConfigError, ReportInputError
 from mft_ray.reports.figures import FIGURE1, FIGURE3, FIGURE4, FIGURE5, write_figures
@@ -91,7 +90,7 @@ def render(runs: list[Run], figures: dict[str, Path | None]) -> str:
         "pairwise symmetric KL between the agents' smoothed answer distributions over rounds; embedding "
         "dissimilarity = mean pairwise 1 - cosine of the final responses' sentence embeddings "
         "(all-MiniLM-L6-v2); held-out NLL = mean per-token NLL of the final responses under the base model "
-        "(definitions in `mft_ray/diversity.py`).\n\n"
+        "(definitions in `mft_ray/metrics/diversity.py`).\n\n"
         + figure(FIGURE3, "diversity per iteration", "No run with diversity figures given."),
         "## Figure 4: accuracy against diversity\n\n"
         + figure(FIGURE4, "accuracy against diversity", "No run with diversity figures given."),

@@ -249,7 +249,7 @@ class FinetuneConfig:
 
 @dataclass
 class MetricsConfig:
-    """Diversity metrics computed at every evaluation (DESIGN 1.6; definitions in ``mft_ray.metrics.diversity``).
+    """Diversity metrics computed at every evaluation (the paper's Section 4.2; definitions in ``mft_ray.metrics.diversity``).
 
     Consensus and the answer KL divergence cost nothing; the embedding dissimilarity encodes final
     responses with an offline sentence encoder in the driver, and the held-out NLL scores final responses

@@ -248,6 +248,6 @@ def build_sets(method: Method, records: pa.Table, equivalent: Callable[[str, str
 def build_star_sets(records: pa.Table, labels: Mapping[str, str], rationalizations: Sequence[dict[str, Any]],
                     is_correct: Callable[[str | None, str], bool],
                     extract_answer: Callable[[str], str | None]) -> tuple[dict[str, list[Example]], dict[str, Any]]:
-    """STaR's set (``finetune_sets.star_examples``) as ({file stem: examples}, counts)."""
+    """STaR's set (``star_examples``) as ({file stem: examples}, counts)."""
     examples, star_counts = star_examples(records, labels, rationalizations, is_correct, extract_answer)
     return {SHARED_UNIT: examples}, {"star": star_counts, "trained": {SHARED_UNIT: len(examples)}}

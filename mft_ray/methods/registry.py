@@ -17,7 +17,7 @@ N = ``debate.agents``, M = ``debate.rounds`` as configured; ŷ = the final-round
 | ``base`` | 1 agent, 1 round | – (iteration 0 only) | – |
 | ``majority`` | N agents, 1 round (vote over N independent samples) | – (iteration 0 only) | – |
 | ``debate`` | N x M debate, untrained | – (iteration 0 only) | – |
-| ``multiagent_ft`` (default) | N x M debate | D^G_n, D^C_n (w-mix) per agent (``finetune_sets``) | 2N models |
+| ``multiagent_ft`` (default) | N x M debate | D^G_n, D^C_n (w-mix) per agent (``methods.datasets``) | 2N models |
 | ``multiagent_ft_no_summary`` | N x M, other answers concatenated | as multiagent_ft | 2N models |
 | ``multiagent_ft_no_critic`` | N x M debate | D^G_n only | N generators; critics stay the base model |
 | ``cooperative_ft`` | N x M, critics asked to *combine* solutions | as multiagent_ft | 2N models |
@@ -44,7 +44,7 @@ Choices where the paper is not explicit (what a researcher would expect, stated 
   an M-round debate, so they are the same samples at 1/M of the cost).
 - STaR (Zelikman et al. 2022) uses the same N round-1 samples per problem as Majority FT, so the two
   differ only in the filter (truth vs vote) and in the rationalizations. A rationalization is asked
-  once per wrong sample, through the same agent actors (``actors.generate``), with the hinted prompt
+  once per wrong sample, through the same agent actors (``stages.rationalize``), with the hinted prompt
   of ``PromptSet.rationalize``; the kept example pairs the *un-hinted* round-1 prompt with the
   rationalization. Iterations start from the previous STaR model (original STaR restarts from the
   base each outer loop: ``finetune.init_from=base``).
@@ -63,10 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
-
-import yaml
 
 from mft_ray.config import Config
 from mft_ray.errors import ConfigError
@@ -211,16 +208,3 @@ def society_after(method: Method, agents: int, trained: Mapping[str, str],
             society[str(member)] = trained[unit.name]
     return society
 
-
-def check_run_method(run_root: str | Path, method: str) -> None:
-    """Refuse a run directory made for another method: its finished stages would be reused as this one's."""
-    saved = Path(run_root) / "config.yaml"
-    if not saved.is_file():
-        return
-    try:
-        previous = (yaml.safe_load(saved.read_text()) or {}).get("method", "multiagent_ft")
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{saved}: unreadable saved config ({exc}); fix or remove it") from exc
-    if previous != method:
-        raise ConfigError(f"run_dir {str(Path(run_root))!r} holds a run of method {previous!r}, not {method!r}; "
-                          "use another run_dir")

@@ -1,4 +1,4 @@
-"""Diversity of a society's debate (paper Section 4.2 and Appendix C; DESIGN 1.6), from its debate records.
+"""Diversity of a society's debate (paper Section 4.2 and Appendix C; docs/method.md), from its debate records.
 
 Agent n is generator n in round 1 and critic n in rounds 2..M; summaries are never counted. Every
 metric is computed per problem and averaged over problems; problems where fewer than two agents

@@ -47,7 +47,7 @@ class TestbedSpec:
     ``debate_learning_rate``) trains whole debate conversations with the loss on the replies only; the
     mini testbed uses only that phase.
 
-    Measured alternatives (2 CPUs, 300 held-out problems; README status): a separate phase 2
+    Measured alternatives (2 CPUs, 300 held-out problems; docs/testbed.md): a separate phase 2
     after phase 1 unlearnt copying the operands (1-2% right) or, at the tail of phase 1's schedule,
     never learnt the critic format; mixing debate conversations in only after step 700 ruined the
     arithmetic (1%); subtracting two 3-digit numbers in one step was the most frequent error until it
@@ -143,7 +143,7 @@ def styled_solution(ops: tuple[int, ...], rng: random.Random, hasty_share: float
     The style is chosen at the first step's end, one token, without moving any operand, and the slip is
     a step left out rather than a wrong number: a habit the model follows whatever the temperature
     (hasty replies are right only when d is 0: 4% at temperature 0.5, measured), and one that finetuning
-    on its own majority answers can drop. Measured alternatives (README status): a style word in front
+    on its own majority answers can drop. Measured alternatives (docs/testbed.md): a style word in front
     of the solution shifted every operand and the model never learnt to copy them (0% right); one of
     three later steps off by 10 or 20, or the last step always off, was undone by the arithmetic the
     model knows (hasty replies right 54% and 32% of the time at temperature 0.5)."""

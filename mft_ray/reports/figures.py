@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from mft_ray.run.files import atomic_path
 from mft_ray.reports.tables import DIVERSITY_METRICS, Run, task_title, transfer_bars
+from mft_ray.run.files import atomic_path
 
 logger = logging.getLogger(__name__)
 

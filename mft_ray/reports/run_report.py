@@ -83,7 +83,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 def diversity_table(summary: dict[str, Any]) -> str:
     """Diversity of the society's final responses per iteration (``mft_ray.metrics.diversity``), as Markdown."""
-    lines = ["Diversity per iteration (definitions in mft_ray/diversity.py):", "",
+    lines = ["Diversity per iteration (definitions in mft_ray/metrics/diversity.py):", "",
              "| Iteration | Consensus | " + " | ".join(label for _, label in DIVERSITY_METRICS) + " |",
              "|---|---|" + "---|" * len(DIVERSITY_METRICS)]
     for e in sorted(summary["iterations"], key=lambda e: e["iteration"]):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from mft_ray.errors import DataError
-from mft_ray.tasks.base import NumericTask, Problem, read_rows, record_id, require
+from mft_ray.tasks.base import NumericTask, Problem
+from mft_ray.tasks.readers import read_rows, record_id, require
 
 logger = logging.getLogger(__name__)
 

@@ -20,18 +20,9 @@ from functools import lru_cache
 from typing import Any
 
 from mft_ray.errors import DataError
-from mft_ray.tasks.base import (
-    BoxedTask,
-    Problem,
-    check_type,
-    last_boxed,
-    normalize_subject,
-    optional,
-    read_rows,
-    record_id,
-    require,
-    squash,
-)
+from mft_ray.tasks.answers import last_boxed, squash
+from mft_ray.tasks.base import BoxedTask, Problem
+from mft_ray.tasks.readers import check_type, normalize_subject, optional, read_rows, record_id, require
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,9 @@ import re
 from typing import Any
 
 from mft_ray.errors import DataError
-from mft_ray.tasks.base import Problem, Task, last_boxed, normalize_subject, optional, read_rows, record_id, require
+from mft_ray.tasks.answers import last_boxed
+from mft_ray.tasks.base import Problem, Task
+from mft_ray.tasks.readers import normalize_subject, optional, read_rows, record_id, require
 
 logger = logging.getLogger(__name__)
 

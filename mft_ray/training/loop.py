@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mft_ray.run.files import partial_path
 from mft_ray.training.export import METRICS_NAME, fsync_tree, write_manifest
 from mft_ray.training.spec import FinetuneJob, TrainingSpec
 from mft_ray.training.tokenize import collate, encode_example
@@ -320,7 +321,7 @@ def _export(engine: Any, model: Any, tokenizer: Any, job: FinetuneJob, metrics: 
     if rank != 0:
         return
     out = Path(job.output_dir)
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = partial_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     model_to_save = engine.module if hasattr(engine, "module") else model
     model_to_save.save_pretrained(tmp, state_dict=state)

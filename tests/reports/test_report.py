@@ -80,8 +80,8 @@ def runs(ray_cluster, testbed_mini, tmp_path_factory):
 
 
 def test_evaluation_saves_every_diversity_metric(runs, testbed_mini):
-    from mft_ray.metrics import diversity
     from mft_ray.engines.hf import HFEngine
+    from mft_ray.metrics import diversity
     from mft_ray.run.records import read_records
     from mft_ray.tasks import make_splits, make_task
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from mft_ray.metrics import diversity
 from mft_ray.config import TaskConfig
 from mft_ray.errors import ScoringNotSupported
+from mft_ray.metrics import diversity
 from mft_ray.run.records import rows_to_table
 from mft_ray.tasks import make_task
 
@@ -201,8 +201,8 @@ def test_evaluation_skips_what_it_cannot_compute_and_says_why(monkeypatch, task)
     """An openai society without metrics.nll_model cannot be scored, and a missing encoder package
     skips the embedding metric: both end as None with the reason in diversity_details, never as a crash."""
     from actors.runtime import RayRuntime
-    from mft_ray.stages import diversity_metrics
     from mft_ray.config import load_config
+    from mft_ray.stages import diversity_metrics
     from mft_ray.tasks import Problem
 
     config = load_config(None, ["model.engine=openai", "model.path=served", "model.base_url=http://127.0.0.1:9/v1"])

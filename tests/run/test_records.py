@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mft_ray.run import records
 from mft_ray.errors import RecordsError
+from mft_ray.run import records
 from mft_ray.run.files import write_json_atomic
 from mft_ray.run.records import (
     SCHEMA,

@@ -1,4 +1,4 @@
-"""Per-agent finetuning sets (DESIGN 1.2): D^G_n, D^C-_n, D^C+_n, the critic mix, pooled and Majority FT.
+"""Per-agent finetuning sets (docs/method.md, "Multiagent finetuning"): D^G_n, D^C-_n, D^C+_n, the critic mix, pooled and Majority FT.
 
 Debate records are written by hand here (no Ray, no model): every reply and prompt carries a tag naming
 its problem, agent and round, so that each expected example can be spelled out exactly.
@@ -398,7 +398,7 @@ def test_mix_rule_over_a_grid(w):
 
 def test_mix_keeps_the_scarcer_side_whole_even_when_rounding_would_drop_one():
     # a = 3, w = 0.8: T = floor(3 / 0.8) = 3 and round(0.8 * 3) = 2, but corrected examples are the
-    # scarce side and must all be used (DESIGN 1.2: keep all of the scarcer side).
+    # scarce side and must all be used (the documented rule: keep all of the scarcer side).
     c, k = examples("c", 3), examples("k", 20)
     got_c, got_k = split_ids(mix(c, k, 0.8, random.Random(0)))
     assert got_c == ids(c)

@@ -2,7 +2,7 @@
 label-isolation test, every method through the jobs.iterate driver, and STaR end to end on real Ray.
 
 Dataset rules are checked against sets spelled out by hand from records written in
-tests/test_finetune_sets.py's format (every reply names its problem, agent and round).
+tests/methods/test_finetune_sets.py's format (every reply names its problem, agent and round).
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from types import SimpleNamespace
 
 from mft_ray.config import TaskConfig, load_config
 from mft_ray.errors import ConfigError
-from mft_ray.run.preflight import check_config
 from mft_ray.methods.datasets import build_sets, build_star_sets
 from mft_ray.methods.registry import (
     METHODS,
@@ -29,11 +28,12 @@ from mft_ray.methods.registry import (
     society_after,
     train_units,
 )
+from mft_ray.run.preflight import check_config
 from mft_ray.run.records import read_records
 from mft_ray.society.members import CRITIC, GENERATOR, Member
 from mft_ray.tasks import make_task
 from tests.conftest import REPO
-from tests.test_finetune_sets import (
+from tests.methods.test_finetune_sets import (
     TWO_ROUNDS,
     expected_two_rounds,
     gen_example,
@@ -461,8 +461,8 @@ def test_a_run_dir_of_another_method_is_refused(monkeypatch, tmp_path, fake_mode
 
 
 def test_build_datasets_refuses_labels_for_label_free_methods(tmp_path, task):
-    from mft_ray.stages import build_datasets
     from mft_ray.run.rundir import RunDir
+    from mft_ray.stages import build_datasets
 
     config = load_config(None, ["method=single_agent_ft"])
     with pytest.raises(ValueError, match="must not get ground-truth labels"):

@@ -8,7 +8,7 @@ requires the planted key) greps the run directory, the job's output and Ray's ow
 secrets. That run is the only place this module starts Ray (2 CPUs, 0.25 CPU per agent).
 
 Related tests elsewhere: the OpenAI engine never puts its key in errors or logs
-(tests/test_engine_openai.py::test_key_is_read_from_env_sent_as_bearer_and_never_leaked), and an
+(tests/engines/test_engine_openai.py::test_key_is_read_from_env_sent_as_bearer_and_never_leaked), and an
 ``api_key_env`` holding a key is refused without echoing it (test_engine_openai.py).
 """
 
@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 PACKAGES = ("mft_ray", "actors", "jobs")
 TINY = str(REPO / "jobs" / "configs" / "tiny_cpu.yaml")
 
@@ -192,7 +193,7 @@ def test_model_output_is_parsed_never_evaluated(task_name: str, tmp_path: Path) 
     from mft_ray.config import TaskConfig
     from mft_ray.society.voting import majority_vote, vote_rng
     from mft_ray.tasks import TASKS
-    from mft_ray.tasks.base import parse_number
+    from mft_ray.tasks.answers import parse_number
 
     canary = tmp_path / "canary"
     task = TASKS[task_name](TaskConfig(name=task_name, path=None))

@@ -8,9 +8,9 @@ status and that no traceback is printed. Resource and engine failures that need 
 exercised through the pure checks and the error mapping, without starting Ray.
 
 Covered elsewhere, not repeated here: config parsing errors in-process (tests/test_config.py), every
-task's malformed-row messages (tests/test_tasks.py), split-size errors (tests/test_splits.py),
-placement too big / blocked on a real cluster (tests/test_debate_ray.py), an unreachable or silent
-endpoint inside the OpenAI engine (tests/test_engine_openai.py), truncated shards (tests/test_records.py).
+task's malformed-row messages (tests/tasks/test_tasks.py), split-size errors (tests/tasks/test_splits.py),
+placement too big / blocked on a real cluster (tests/actors/test_debate_ray.py), an unreachable or silent
+endpoint inside the OpenAI engine (tests/engines/test_engine_openai.py), truncated shards (tests/run/test_records.py).
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ import pytest
 
 from jobs import common
 from jobs.common import run_cli
-from mft_ray.errors import EXIT_INPUT, EXIT_MODEL, EXIT_RESOURCES
-from mft_ray.errors import ConfigError, EngineError
+from mft_ray.errors import EXIT_INPUT, EXIT_MODEL, EXIT_RESOURCES, ConfigError, EngineError
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "jobs" / "configs" / "tiny_cpu.yaml")
 PLANTED = "sk-planted-URL-SECRET-4242"
 

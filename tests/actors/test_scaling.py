@@ -1,10 +1,10 @@
 """Scaling the society is a config change: 5 agents end to end through `mft evaluate` (debate.agents=5);
 a society bigger than the cluster fails at once with what it needs and what exists, exit code 3.
 
-Also covered elsewhere: 5 agents x 3 rounds (tests/test_debate_ray.py), members on separate fractional-CPU
-engine actors in one placement group (test_debate_ray.py; the service in tests/test_service.py), a
+Also covered elsewhere: 5 agents x 3 rounds (tests/actors/test_debate_ray.py), members on separate fractional-CPU
+engine actors in one placement group (test_debate_ray.py; the service in tests/actors/test_service.py), a
 society blocked by other work failing after resources.placement_timeout_s (test_debate_ray.py), and a
-finetune bigger than the cluster refused before any debate (tests/test_bad_input.py). One actor per
+finetune bigger than the cluster refused before any debate (tests/jobs/test_bad_input.py). One actor per
 member for 5 agents (11 actors) works too but costs ~2 minutes of actor start-up on 2 CPUs, so the
 end-to-end test here shares the engine, as iteration 0 does by default.
 """

@@ -1,9 +1,9 @@
-"""Faults (issue 7): files broken by an earlier crash are detected and redone, an agent actor killed
+"""Faults (docs/faults.md): files broken by an earlier crash are detected and redone, an agent actor killed
 mid-debate and a Ray Train worker killed mid-finetune are survived (or fail clearly, per setting).
 
 The first part needs no Ray: each kind of run-directory file is truncated and shown to be detected
 and its stage redone. The second part kills real processes of a real local Ray. Driver kills of
-``jobs.iterate`` at several points are in tests/test_iterate.py (they reuse its uninterrupted run).
+``jobs.iterate`` at several points are in tests/integration/test_iterate.py (they reuse its uninterrupted run).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from types import SimpleNamespace
 
 from mft_ray.config import load_config
 from mft_ray.run.files import read_sealed_json, write_json_atomic
@@ -26,7 +26,7 @@ from mft_ray.run.records import read_records, shard_path, write_shard
 from mft_ray.run.rundir import RunDir
 from mft_ray.tasks import make_splits, make_task
 from mft_ray.training.export import MANIFEST_NAME, checkpoint_problem, write_manifest
-from tests.test_finetune_sets import TWO_ROUNDS, records_for
+from tests.methods.test_finetune_sets import TWO_ROUNDS, records_for
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
@@ -349,9 +349,8 @@ def _registered(experiment: Path) -> bool:
 def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, tiny_model, tmp_path):
     import ray
 
-    from jobs.common import unwrap_ray_error
-    from mft_ray.errors import FinetuneError
-    from tests.test_iterate import _differs, _params
+    from mft_ray.errors import FinetuneError, root_cause
+    from tests.integration.test_iterate import _differs, _params
 
     hook = tmp_path / "hook"
     # max_failures=0: the finetune fails, naming the agent and iteration; nothing looks finished.
@@ -359,7 +358,7 @@ def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, 
     ref, experiment = _kill_worker_after_first_checkpoint(job, 0, hook)
     with pytest.raises(FinetuneError) as failed:
         ray.get(ref, timeout=300)
-    message = str(unwrap_ray_error(failed.value))  # what `python -m jobs.iterate` prints (exit code 5)
+    message = str(root_cause(failed.value))  # what `python -m jobs.iterate` prints (exit code 5)
     assert re.fullmatch(r"finetune generator_0 of iteration 1 failed \(finetune\.max_failures=0 restarts allowed\): "
                         r"\w+: [^\n]*died\.[^\n]*", message), message
     assert len(message) < 500
@@ -378,5 +377,5 @@ def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, 
     assert _differs(_params(job.output_dir), _params(tiny_model))  # it trained
     assert not experiment.exists()  # training state removed once the export is whole
     # That a resumed finetune ends with the weights of an uninterrupted one is checked where an
-    # uninterrupted run exists anyway: tests/test_iterate.py (driver killed after a Ray Train checkpoint)
+    # uninterrupted run exists anyway: tests/integration/test_iterate.py (driver killed after a Ray Train checkpoint)
     # and benchmarks/faults.py (this same worker kill, against a clean finetune).

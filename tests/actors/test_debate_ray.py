@@ -26,13 +26,16 @@ def _config(tmp_path, tiny_model, **over):
 
 
 def _run(config):
+    """The finetune split's debate as the jobs run it (``stages.debate_split``: skipped when complete)."""
     from actors.runtime import RayRuntime
+    from mft_ray import stages
+    from mft_ray.run.rundir import RunDir
 
     task = make_task(config.task)
     problems = make_splits(task, config.task).finetune
-    out = config.run_dir + "/debate"
-    stats = RayRuntime().debate(config, 0, "finetune", problems, out)
-    return problems, out, stats
+    run = RunDir(config.run_dir)
+    stats = stages.debate_split(RayRuntime(), config, run, 0, "finetune", problems, None)
+    return problems, run.debate_dir(0, "finetune"), stats
 
 
 def _check_structure(problems, table, agents, rounds, summarize, instruction):

@@ -92,9 +92,9 @@ def test_a_build_is_deterministic_cached_and_loadable(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
 
-    from mft_ray.models import builtin as models
     from mft_ray.engines.base import SamplingParams
     from mft_ray.engines.hf import HFEngine
+    from mft_ray.models import builtin as models
     from mft_ray.models.testbed import pretrain
 
     a, b = pretrain(tmp_path / "a", MICRO), pretrain(tmp_path / "b", MICRO)

@@ -158,11 +158,15 @@ def test_driver_killed_at_several_points_resumes_to_the_same_result(full_run, te
     """SIGKILL the job driver (and its local Ray) at several points of one run (a debate between shards,
     a finetune after its first Ray Train checkpoint, the evaluation debate),
     rerunning the same command after each: the final run ends with the same metrics and weights as an
-    uninterrupted one."""
+    uninterrupted one.
+
+    The killed run stops after iteration 1 (``finetune.iterations=1``): every seed depends on the iteration,
+    not on L, so its iterations 0 and 1 must equal the uninterrupted 2-iteration run's. (Kills during
+    iteration 2 are in benchmarks/faults.py.)"""
     run_dir, first = full_run
     resumed = tmp_path / "run"
     cmd = [sys.executable, "-m", "jobs.iterate", "--config", "jobs/configs/iterate_cpu.yaml", *OVERRIDES,
-           f"run_dir={resumed}", f"model.path={testbed_mini}"]
+           f"run_dir={resumed}", f"model.path={testbed_mini}", "finetune.iterations=1"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     resumable: set[str] = set()
     for what, ready, delay in KILL_POINTS:
@@ -178,19 +182,19 @@ def test_driver_killed_at_several_points_resumes_to_the_same_result(full_run, te
         proc.wait()
         resumable |= _resumable_finetunes(resumed / "iter_1")
         summary = resumed / "metrics.json"
-        assert not summary.exists() or len(json.loads(summary.read_text())["iterations"]) < 3, what
+        assert not summary.exists() or len(json.loads(summary.read_text())["iterations"]) < 2, what
         _assert_nothing_half_written(resumed)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     final = json.loads((resumed / "metrics.json").read_text())
     assert [(e["accuracy"], e["consensus"]) for e in final["iterations"]] == \
-        [(e["accuracy"], e["consensus"]) for e in first["iterations"]]
+        [(e["accuracy"], e["consensus"]) for e in first["iterations"][:2]]
     # Every finetune killed after a Ray Train checkpoint (the third kill point) resumed from it, and the
     # weights are still identical (below).
     finetunes = json.loads((resumed / "iter_1" / "finetunes.json").read_text())
     for name in resumable:
         assert finetunes[name].get("resumed_after_micro_batches"), (name, finetunes[name])
-    for it in (1, 2):
+    for it in (1,):
         society = json.loads((run_dir / f"iter_{it}" / "society.json").read_text())
         again = json.loads((resumed / f"iter_{it}" / "society.json").read_text())
         assert again.keys() == society.keys()

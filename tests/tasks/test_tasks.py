@@ -13,13 +13,14 @@ import pytest
 from mft_ray.config import TaskConfig
 from mft_ray.errors import ConfigError, DataError
 from mft_ray.tasks import TASKS, Problem, Task, make_task
+from mft_ray.tasks.answers import last_boxed, numbers_equal, parse_number
 from mft_ray.tasks.arithmetic import ArithmeticTask
-from mft_ray.tasks.base import last_boxed, numbers_equal, parse_number, read_rows, require
 from mft_ray.tasks.gsm8k import GSM8KTask
 from mft_ray.tasks.math import MATHTask, math_equivalent
 from mft_ray.tasks.mmlu import MMLUTask
+from mft_ray.tasks.readers import read_rows, require
+from tests.conftest import SHARED_DATA as DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():
     DATA = Path("/work/shared/data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared benchmark data not present")

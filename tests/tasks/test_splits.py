@@ -10,8 +10,8 @@ import pytest
 from mft_ray.config import TaskConfig
 from mft_ray.errors import ConfigError, DataError
 from mft_ray.tasks import Splits, make_splits, make_task
+from tests.conftest import SHARED_DATA as DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():
     DATA = Path("/work/shared/data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared benchmark data not present")
