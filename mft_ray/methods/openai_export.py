@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mft_ray.errors import ExportError
-from mft_ray.methods.datasets import AgentSets, Example
+from mft_ray.methods.datasets import Example
 from mft_ray.run.files import write_json_atomic, write_text_atomic
-from mft_ray.society.members import CRITIC, GENERATOR
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +91,6 @@ def export_sets(sets: Mapping[str, Sequence[Example]], out_dir: str | os.PathLik
                 len(manifest["skipped"]))
     return manifest
 
-
-def export_agent_sets(sets: Sequence[AgentSets], out_dir: str | os.PathLike) -> dict[str, Any]:
-    """``generator_<n>.jsonl`` (D^G_n) and ``critic_<n>.jsonl`` (the w-mix D^C_n) for every agent n."""
-    named: dict[str, Sequence[Example]] = {}
-    for n, agent in enumerate(sets):
-        named[f"{GENERATOR}_{n}"] = agent.generator
-        named[f"{CRITIC}_{n}"] = agent.critic
-    return export_sets(named, out_dir)
 
 
 def export_datasets_dir(datasets_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:

@@ -384,17 +384,16 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_export_agent_sets_writes_openai_chat_jsonl(tmp_path: Path) -> None:
-    from mft_ray.methods.datasets import AgentSets
-    from mft_ray.methods.openai_export import MANIFEST, export_agent_sets
+def test_export_sets_writes_openai_chat_jsonl(tmp_path: Path) -> None:
+    from mft_ray.methods.openai_export import MANIFEST, export_sets
 
     out = tmp_path / "openai"
     out.mkdir()
     (out / "critic_1.jsonl").write_text("stale\n")  # from an earlier export; agent 1 now has no critic set
-    sets = [AgentSets(generator=[_generator_example(f"p{i}", "4") for i in range(12)],
-                      critic=[_critic_example("p0"), _critic_example("p1")]),
-            AgentSets(generator=[_generator_example("p3", "ünïcode ✓")], critic=[])]
-    manifest = export_agent_sets(sets, out)
+    sets = {"generator_0": [_generator_example(f"p{i}", "4") for i in range(12)],
+            "critic_0": [_critic_example("p0"), _critic_example("p1")],
+            "generator_1": [_generator_example("p3", "ünïcode ✓")], "critic_1": []}
+    manifest = export_sets(sets, out)
 
     assert sorted(p.name for p in out.iterdir()) == ["critic_0.jsonl", "generator_0.jsonl", "generator_1.jsonl",
                                                      MANIFEST]  # no temp files, stale file gone

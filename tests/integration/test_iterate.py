@@ -20,7 +20,10 @@ from tests.conftest import REPO, kill_session
 
 pytestmark = pytest.mark.integration
 
-OVERRIDES = ["task.finetune_size=24", "task.eval_size=12", "debate.shard_size=12"]
+# Diversity metrics are tested in tests/metrics and tests/reports; here they would only add an encoder load
+# and a scorer actor to every evaluation.
+OVERRIDES = ["task.finetune_size=24", "task.eval_size=12", "debate.shard_size=12", "metrics.embedding=false",
+             "metrics.nll_problems=0"]
 
 
 def _config(run_dir: Path, model: str):
@@ -117,20 +120,21 @@ KILL_POINTS = [
      lambda r: _shard_written(r / "iter_0" / "debate_finetune"), 0.0),
     ("iteration-1 finetunes, after a Ray Train checkpoint",
      lambda r: bool(_registered_checkpoints(r / "iter_1")), 0.0),
-    ("iteration-1 evaluation debate",
-     lambda r: (r / "iter_1" / "society.json").exists(), 2.0),
 ]
-# Two more, left to benchmarks/faults.py to keep this test's restarts few (each costs a Ray start and
-# more): just as the finetunes start (the sealed datasets are also tested in test_faults.py), and a
-# half-done debate of a finetuned society (separate engines loaded from checkpoints). ALL_KILL_POINTS is
+# Three more, left to benchmarks/faults.py to keep this test's restarts few (each costs a Ray start and
+# more): just as the finetunes start (the sealed datasets are also tested in test_faults.py), the
+# evaluation debate of the finetuned society, and a half-done finetune-split debate of a finetuned society
+# (separate engines loaded from checkpoints). ALL_KILL_POINTS is
 # all of them in the order of the run's stages (each predicate is awaited on the resumed run).
 EXTRA_KILL_POINTS = [
     ("just after the iteration-1 datasets, as the finetunes start",
      lambda r: (r / "iter_1" / "datasets" / "counts.json").exists(), 0.0),
+    ("iteration-1 evaluation debate",
+     lambda r: (r / "iter_1" / "society.json").exists(), 2.0),
     ("iteration-2 finetune-split debate by the finetuned society, between shards",
      lambda r: _shard_written(r / "iter_1" / "debate_finetune"), 0.0),
 ]
-ALL_KILL_POINTS = [KILL_POINTS[0], EXTRA_KILL_POINTS[0], *KILL_POINTS[1:], EXTRA_KILL_POINTS[1]]
+ALL_KILL_POINTS = [KILL_POINTS[0], EXTRA_KILL_POINTS[0], KILL_POINTS[1], *EXTRA_KILL_POINTS[1:]]
 
 
 def _assert_nothing_half_written(run: Path) -> None:
@@ -156,7 +160,7 @@ def _assert_nothing_half_written(run: Path) -> None:
 
 def test_driver_killed_at_several_points_resumes_to_the_same_result(full_run, testbed_mini, tmp_path):
     """SIGKILL the job driver (and its local Ray) at several points of one run (a debate between shards,
-    a finetune after its first Ray Train checkpoint, the evaluation debate),
+    a finetune after its first Ray Train checkpoint),
     rerunning the same command after each: the final run ends with the same metrics and weights as an
     uninterrupted one.
 
@@ -189,7 +193,7 @@ def test_driver_killed_at_several_points_resumes_to_the_same_result(full_run, te
     final = json.loads((resumed / "metrics.json").read_text())
     assert [(e["accuracy"], e["consensus"]) for e in final["iterations"]] == \
         [(e["accuracy"], e["consensus"]) for e in first["iterations"][:2]]
-    # Every finetune killed after a Ray Train checkpoint (the third kill point) resumed from it, and the
+    # Every finetune killed after a Ray Train checkpoint (the second kill point) resumed from it, and the
     # weights are still identical (below).
     finetunes = json.loads((resumed / "iter_1" / "finetunes.json").read_text())
     for name in resumable:
