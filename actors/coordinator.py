@@ -29,6 +29,7 @@ from mft_ray.society.debate import Turn, TurnBatch
 from mft_ray.society.members import CRITIC, GENERATOR, SUMMARIZER
 from mft_ray.society.voting import majority_vote, vote_rng
 from mft_ray.tasks import make_task
+from mft_ray.tasks.answers import NONE
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +137,12 @@ class DebateCoordinator:
             vote = majority_vote(finals, self.task.equivalent, vote_rng(self.config.seed, pid))
             for turn, per_agent in batches.items():
                 for n, batch in enumerate(per_agent):
-                    answer = None if turn.role == SUMMARIZER else self.task.extract_answer(batch.responses[i])
+                    parsed = NONE if turn.role == SUMMARIZER else self.task.parse_answer(batch.responses[i])
                     rows.append({
                         "iteration": iteration, "split": split, "problem_id": pid, "agent": n, "role": turn.role,
                         "round": turn.round, "messages": batch.messages[i], "response": batch.responses[i],
-                        "answer": answer, "majority": vote.answer, "tie": vote.tie,
-                        "consensus": vote.consensus,
+                        "answer": parsed.answer, "answer_rule": parsed.rule, "majority": vote.answer,
+                        "tie": vote.tie, "consensus": vote.consensus,
                     })
         write_shard(out_dir, shard, rows, [pid for pid, _ in problems])
         self.bar.update(1)

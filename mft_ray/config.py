@@ -30,6 +30,7 @@ TASK_NAMES = ("arithmetic", "gsm8k", "math", "mmlu")
 ENGINE_NAMES = ("hf", "vllm", "openai")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 BUILTIN_PREFIX = "builtin:"
+ARITHMETIC_FORM = "a+b*c+d-e*f"  # Du et al. (2023)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -54,6 +55,7 @@ class TaskConfig:
     eval_size: int = 500
     seed: int = 0
     max_int: int = 30  # arithmetic operands are drawn from [0, max_int]
+    form: str = ARITHMETIC_FORM  # arithmetic: operand letters joined by + - *, e.g. a*b or a+b*c
 
     def validate(self, prefix: str = "task") -> None:
         _check(self.name in TASK_NAMES, f"{prefix}.name must be one of {list(TASK_NAMES)}, got {self.name!r}")
@@ -61,6 +63,9 @@ class TaskConfig:
         _check(self.eval_size >= 0, f"{prefix}.eval_size must be >= 0, got {self.eval_size}")
         _check(self.finetune_size + self.eval_size > 0, f"{prefix}: finetune_size + eval_size must be > 0")
         _check(self.max_int >= 1, f"{prefix}.max_int must be >= 1, got {self.max_int}")
+        _check(re.fullmatch(r"[a-z](?:[-+*][a-z])*", self.form) is not None and len(set(self.form[0::2])) == len(
+            self.form[0::2]), f"{prefix}.form must be distinct letters joined by +, - or * (e.g. "
+               f"{ARITHMETIC_FORM!r}, 'a*b'), got {self.form!r}")
         if self.name != "arithmetic":
             _check(self.path is not None, f"{prefix}.path is required for task {self.name!r}")
         if self.levels is not None:
@@ -95,6 +100,9 @@ class ModelConfig:
     retry_backoff_s: float = 1.0  # openai: first retry delay, doubled per attempt (with jitter)
     max_concurrency: int = 16  # openai: requests in flight per engine
     check_endpoint: bool = True  # openai: the job checks that base_url accepts connections before starting
+    # Parameters in billions (e.g. 8.03 for Llama-3-8B), for the resource plan's memory estimate
+    # (mft_ray.run.plan) when model.path is not a local checkpoint whose config.json says; null = unknown.
+    num_parameters: float | None = None
 
     def validate(self, prefix: str = "model") -> None:
         _check(self.engine in ENGINE_NAMES, f"{prefix}.engine must be one of {list(ENGINE_NAMES)}, got {self.engine!r}")
@@ -106,6 +114,9 @@ class ModelConfig:
         _check(self.max_retries >= 0, f"{prefix}.max_retries must be >= 0, got {self.max_retries}")
         _check(self.retry_backoff_s >= 0, f"{prefix}.retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
         _check(self.max_concurrency >= 1, f"{prefix}.max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.num_parameters is not None:
+            _check(self.num_parameters > 0, f"{prefix}.num_parameters (billions) must be > 0 or null, "
+                   f"got {self.num_parameters}")
         # The value is not echoed: someone may have pasted the key itself here.
         _check(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) is not None,
                f"{prefix}.api_key_env must name an environment variable (e.g. OPENAI_API_KEY), not hold a key")
@@ -165,6 +176,9 @@ class ResourcesConfig:
     num_cpus_per_agent: float = 1.0
     placement_strategy: str = "PACK"
     placement_timeout_s: float = 60.0
+    # Memory of one GPU in GiB (80 for an H100 or A100 80 GB, 40 for an A100 40 GB): the preflight refuses a
+    # finetune whose estimated memory per GPU exceeds it (mft_ray.run.plan).
+    gpu_memory_gb: float = 80.0
 
     def validate(self, prefix: str = "resources") -> None:
         _check(self.num_gpus_per_agent >= 0, f"{prefix}.num_gpus_per_agent must be >= 0")
@@ -176,6 +190,7 @@ class ResourcesConfig:
                f"got {self.placement_strategy!r}")
         _check(self.placement_timeout_s > 0,
                f"{prefix}.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
+        _check(self.gpu_memory_gb > 0, f"{prefix}.gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
 
 
 @dataclass

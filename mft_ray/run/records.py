@@ -35,6 +35,7 @@ SCHEMA = pa.schema([
     ("messages", pa.list_(MESSAGE)),  # the prompt conversation exactly as given to the engine
     ("response", pa.string()),
     ("answer", pa.string()),  # parsed final answer; null if unparseable (and for summaries)
+    ("answer_rule", pa.string()),  # which rule read it (tasks.answers: boxed, answer_is, ...); null if none
     ("majority", pa.string()),  # majority answer of the final round; null if nobody parsed
     ("tie", pa.bool_()),
     ("consensus", pa.float32()),

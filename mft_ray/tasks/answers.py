@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
+from typing import NamedTuple
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _OLD_BOX_TOKEN_RE = re.compile(r"[^\s$]+")
@@ -126,3 +127,53 @@ def numbers_equal(a: str, b: str) -> bool:
 def squash(text: str) -> str:
     """``text`` without any whitespace, for exact comparisons that ignore spacing."""
     return "".join(text.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Which rule read the answer (real models rarely box)
+
+BOXED, ANSWER_IS, EQUALS, LAST_NUMBER = "boxed", "answer_is", "equals", "last_number"
+PAREN_LETTER, OPTION_LETTER = "paren_letter", "option_letter"
+
+
+class ParsedAnswer(NamedTuple):
+    """A reply's final answer (None: unparseable, so it never votes and is never correct) and the rule
+    that read it (``boxed``, ``answer_is``, ``equals``, ``last_number``, ``paren_letter``, ``option_letter``;
+    None if none did)."""
+
+    answer: str | None
+    rule: str | None = None
+
+
+NONE = ParsedAnswer(None, None)
+# A number as replies write it: "$1,234.50", "-7", "3/4". A minus right after a digit or ")" is subtraction.
+_NUMBER = r"(?:\$\s?)?(?:(?<![\w)])[-−])?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+)?"
+_NUMBER_RE = re.compile(_NUMBER)
+# "the answer is 42", "Final answer: $42", "answer = 42" (the last such statement wins)
+_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:|=)\s*:?\s*\**\s*(" + _NUMBER + ")", re.IGNORECASE)
+# "... = 42." closing the reply
+_EQUALS_END_RE = re.compile(r"=\s*\**\s*(" + _NUMBER + r")\s*\**\s*[.!]?\s*$")
+
+
+def _clean_number(raw: str) -> str:
+    return raw.replace("−", "-").replace("$", "").replace(" ", "").replace(",", "")
+
+
+def numeric_answer(text: str) -> ParsedAnswer:
+    r"""A numeric reply's answer, by the first rule that finds one: the last ``\boxed{}`` holding a number;
+    else the last explicit "answer is X" / "answer: X"; else "= X" ending the reply; else the last number in
+    the reply (what Du et al. read)."""
+    content = last_boxed(text)
+    # A box holding no number ("\boxed{answer}", copied from the instruction) is no answer: read on.
+    if content is not None and parse_number(content) is not None:
+        return ParsedAnswer(content.strip(), BOXED)
+    stated = _ANSWER_IS_RE.findall(text)
+    if stated:
+        return ParsedAnswer(_clean_number(stated[-1]), ANSWER_IS)
+    closing = _EQUALS_END_RE.search(text.rstrip())
+    if closing:
+        return ParsedAnswer(_clean_number(closing.group(1)), EQUALS)
+    numbers = _NUMBER_RE.findall(text)
+    if numbers:
+        return ParsedAnswer(_clean_number(numbers[-1]), LAST_NUMBER)
+    return NONE

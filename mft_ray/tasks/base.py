@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from mft_ray.config import TaskConfig
 from mft_ray.errors import DataError
-from mft_ray.tasks.answers import last_boxed, numbers_equal
+from mft_ray.tasks.answers import BOXED, NONE, ParsedAnswer, last_boxed, numbers_equal, numeric_answer
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,12 @@ class Task(ABC):
         """Build the pool; called once by ``load``."""
 
     @abstractmethod
+    def parse_answer(self, text: str) -> ParsedAnswer:
+        """The final answer written in a model response (None when there is none) and the rule that read it."""
+
     def extract_answer(self, text: str) -> str | None:
         """The final answer written in a model response, or None when there is none."""
+        return self.parse_answer(text).answer
 
     @abstractmethod
     def equivalent(self, a: str, b: str) -> bool:
@@ -104,15 +108,19 @@ def _check_unique_ids(pool: list[Problem], source: str) -> None:
 class BoxedTask(Task, ABC):
     r"""A task whose final answer is the content of the last ``\boxed{}`` of a response."""
 
-    def extract_answer(self, text: str) -> str | None:
+    def parse_answer(self, text: str) -> ParsedAnswer:
         content = last_boxed(text)
         if content is None or not content.strip():
-            return None
-        return content.strip()
+            return NONE
+        return ParsedAnswer(content.strip(), BOXED)
 
 
 class NumericTask(BoxedTask, ABC):
-    r"""A task whose answers are numbers written in ``\boxed{}``."""
+    r"""A task whose answers are numbers: the last ``\boxed{}``, else an explicit "answer is X" or a closing
+    "= X", else the last number of the reply (``answers.numeric_answer``)."""
+
+    def parse_answer(self, text: str) -> ParsedAnswer:
+        return numeric_answer(text)
 
     def equivalent(self, a: str, b: str) -> bool:
         return numbers_equal(a, b)

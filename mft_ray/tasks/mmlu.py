@@ -7,7 +7,8 @@ import re
 from typing import Any
 
 from mft_ray.errors import DataError
-from mft_ray.tasks.answers import last_boxed
+from mft_ray.tasks.answers import (ANSWER_IS, BOXED, NONE, OPTION_LETTER, PAREN_LETTER, ParsedAnswer,
+                                   last_boxed)
 from mft_ray.tasks.base import Problem, Task
 from mft_ray.tasks.readers import normalize_subject, optional, read_rows, record_id, require
 
@@ -15,7 +16,11 @@ logger = logging.getLogger(__name__)
 
 LETTERS = "ABCD"
 _WRAPPER_RE = re.compile(r"^\\(?:text|textbf|mathrm|mathbf|mbox)\{(.*)\}$", re.DOTALL)
-_PAREN_LETTER_RE = re.compile(r"\(([A-D])\)")
+_PAREN_LETTER_RE = re.compile(r"\(([A-Da-d])\)")
+# "C) takes the pill" or "b. Paris" opening a line: the option a reply names by its label
+_OPTION_RE = re.compile(r"^\s*\(?([A-Da-d])[).:]\s", re.MULTILINE)
+# "the answer is (c)", "Answer: C", "answer: (b)." (the last such statement wins)
+_ANSWER_LETTER_RE = re.compile(r"answer\s*(?:is|:)\s*:?\s*\**\s*\(?([A-Da-d])\b\)?", re.IGNORECASE)
 
 
 def boxed_letter(content: str) -> str | None:
@@ -87,15 +92,25 @@ class MMLUTask(Task):
             )
         return problems
 
-    def extract_answer(self, text: str) -> str | None:
-        r"""The letter in the last ``\boxed{}``; else the last ``(X)``; else None."""
+    def parse_answer(self, text: str) -> ParsedAnswer:
+        r"""The letter in the last ``\boxed{}``; else the last explicit "answer is (c)" / "Answer: C"; else the
+        last ``(X)``; else the one option a reply names by its label at a line start ("C) ..."); else none.
+        Lower-case letters count."""
         content = last_boxed(text)
         if content is not None:
             letter = boxed_letter(content)
             if letter is not None:
-                return letter
+                return ParsedAnswer(letter, BOXED)
+        stated = _ANSWER_LETTER_RE.findall(text)
+        if stated:
+            return ParsedAnswer(stated[-1].upper(), ANSWER_IS)
         matches = _PAREN_LETTER_RE.findall(text)
-        return matches[-1] if matches else None
+        if matches:
+            return ParsedAnswer(matches[-1].upper(), PAREN_LETTER)
+        # A reply naming one option by its label ("D) neither genotype nor phenotype"); one that lists
+        # several options names none of them.
+        options = {m.upper() for m in _OPTION_RE.findall(text + " ")}
+        return ParsedAnswer(options.pop(), OPTION_LETTER) if len(options) == 1 else NONE
 
     def equivalent(self, a: str, b: str) -> bool:
         return a.strip().upper() == b.strip().upper() and bool(a.strip())
