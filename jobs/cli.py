@@ -8,6 +8,7 @@
     mft ask      "question"                                                ask it; rounds print as they arrive
     mft stop                                                               stop it, release its resources
     mft status   RUN_DIR                                                   which stages and iterations are done
+    mft plan     --config C [key.sub=value ...] [--nodes N ...]            resources and memory per GPU, checked
 
 ``mft <command> --help`` describes each. Exit codes (as the jobs): 0 done, 2 bad input (config, data,
 a missing service), 3 the cluster cannot hold the society, 4 a model failed to load or answer, 5 a finetune
@@ -30,6 +31,7 @@ from jobs.common import parse_config, run_cli
 from mft_ray.config import load_config
 from mft_ray.errors import EXIT_INPUT, ConfigError, EngineError
 from mft_ray.methods.registry import method_config
+from mft_ray.run.plan import ClusterSpec, resource_plan
 from mft_ray.run.preflight import check_config
 from mft_ray.run.rundir import RunDir
 from mft_ray.run.status import format_status, run_status
@@ -149,7 +151,7 @@ def _serve(argv: Sequence[str]) -> None:
         paths = society_paths(config, run, iteration, repair=False)
     # The society serves as the method evaluates: its agents, rounds, summarizer, temperature.
     config = method_config(config, "evaluate")
-    check_config(config)
+    check_config(config, finetunes=False)  # the service finetunes nothing
     _connect(args.address, args.namespace)
     from actors.service import start_service
 
@@ -216,6 +218,29 @@ def _status(argv: Sequence[str]) -> None:
     print(json.dumps(status, indent=2) if args.json else format_status(status))
 
 
+def _plan(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mft plan", description="Print the resource plan of a config on a described cluster: each "
+        "society's engines, GPUs and CPUs, each finetune's workers and estimated memory per GPU "
+        "(mft_ray/run/plan.py gives the formula), how many finetunes run at once. Exits 2 when the plan has "
+        "problems (the jobs refuse those too). Starts nothing.")
+    parser.add_argument("--config", required=True, help="YAML config file (see jobs/configs/)")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="GiB per GPU (default: the config's resources.gpu_memory_gb, 80)")
+    parser.add_argument("--cpus-per-node", type=float, default=96, help="CPUs per node (default 96)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    args = parser.parse_args(argv)
+    config = parse_config(args)
+    gpu_gb = config.resources.gpu_memory_gb if args.gpu_memory_gb is None else args.gpu_memory_gb
+    plan = resource_plan(config, ClusterSpec(args.nodes, args.gpus_per_node, gpu_gb, args.cpus_per_node))
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else f"plan of {args.config}\n{plan.format()}")
+    if plan.problems:
+        raise ConfigError(f"the plan has {len(plan.problems)} problem(s); the first: {plan.problems[0]}")
+
+
 def _own(fn: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], int]:
     return lambda argv: run_cli(fn, list(argv))
 
@@ -229,6 +254,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "ask": (_own(_ask), "ask the debate service a question; rounds print as they arrive"),
     "stop": (_own(_stop), "stop the debate service and release its resources"),
     "status": (_own(_status), "which stages and iterations of a run directory are done"),
+    "plan": (_own(_plan), "a config's resources and memory per GPU on a described cluster, checked"),
 }
 
 

@@ -25,7 +25,7 @@ logger = logging.getLogger("mft_ray.jobs.debate")
 
 def main(config: Config, split: str = "finetune", iteration: int = 0) -> dict[str, Any]:
     """Run the debate of iteration ``iteration``'s society over ``split``; returns run statistics."""
-    check_config(config)
+    check_config(config, finetunes=False)  # this job finetunes nothing
     given, config = config, method_config(config, "collect" if split == "finetune" else "evaluate")
     run = RunDir(config.run_dir)
     run.check_method(config.method)

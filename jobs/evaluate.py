@@ -56,7 +56,7 @@ def main(config: Config, iteration: int = 0, society_from: str | None = None) ->
     run or, with ``society_from``, of another run directory on this config's task (zero-shot transfer)."""
     if iteration < 0:
         raise ConfigError(f"--iteration must be >= 0, got {iteration}")
-    check_config(config)
+    check_config(config, finetunes=False)  # this job finetunes nothing
     origin: dict[str, Any] = {}
     run = source = RunDir(config.run_dir)
     if society_from is not None:

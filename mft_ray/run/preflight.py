@@ -4,12 +4,14 @@ input fails at once with a message naming the setting.
 Each config dataclass checks only its own fields when built (``mft_ray.config``) and data files are
 checked when the task loads them (``mft_ray.tasks``). What needs a look outside the config is here
 (``check_config``): names against the registries (methods, built-in models), files and model directories
-on this disk, and whether an OpenAI-compatible endpoint accepts connections; and whether the splits the
-job is about to use hold any problems (``require_problems``).
+on this disk, whether an OpenAI-compatible endpoint accepts connections, and the problems of the config's
+resource plan (``mft_ray.run.plan``: finetunes on CPU behind GPU inference, a finetune estimated over the GPU
+memory); and whether the splits the job is about to use hold any problems (``require_problems``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import urllib.request
@@ -21,16 +23,18 @@ from mft_ray.config import Config, ModelConfig
 from mft_ray.errors import ConfigError
 from mft_ray.methods.registry import get_method
 from mft_ray.models.builtin import validate_model_path
+from mft_ray.run.plan import resource_plan
 
 logger = logging.getLogger(__name__)
 
 _SKIP_HINT = "(if only the cluster's nodes can reach it, set model.check_endpoint=false)"
 
 
-def check_config(config: Config, endpoint: bool = True) -> None:
+def check_config(config: Config, endpoint: bool = True, finetunes: bool = True) -> None:
     """Refuse a config that names something that is not there: an unknown method, a missing data file, a
     model path that holds no model, or (``endpoint``) an OpenAI-compatible server that accepts no
-    connection."""
+    connection; or whose resource plan has problems (``check_resources``). ``finetunes=False`` for jobs that
+    never finetune (debate, evaluate, the service): their finetune settings are not checked."""
     get_method(config.method)
     for key in ("path", "eval_path"):
         value = getattr(config.task, key)
@@ -41,8 +45,21 @@ def check_config(config: Config, endpoint: bool = True) -> None:
         validate_model_path(model.path, "model.path")
     if config.metrics.nll_model is not None:
         validate_model_path(config.metrics.nll_model, "metrics.nll_model")
+    check_resources(config, finetunes)
     if endpoint:
         check_model_endpoint(model)
+
+
+def check_resources(config: Config, finetunes: bool = True) -> None:
+    """Refuse what ``mft_ray.run.plan.resource_plan`` finds without a cluster: inference on GPUs while the
+    finetunes would train on CPU, a finetune whose estimated memory per GPU exceeds
+    ``resources.gpu_memory_gb``, vLLM engines that cannot share or fit a GPU. The cluster itself is checked
+    once Ray is up (``actors.placement``, ``actors.finetune.check_finetunes_fit``)."""
+    if not finetunes:
+        config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, iterations=0))
+    problems = resource_plan(config).problems
+    if problems:
+        raise ConfigError("; ".join(problems) + " (see `mft plan --config ...`)")
 
 
 def check_model_endpoint(model: ModelConfig) -> None:

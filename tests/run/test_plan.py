@@ -1,0 +1,178 @@
+"""The resource plan (mft_ray.run.plan), its refusals in the driver's preflight and `mft plan`: every shipped
+config against a described 8 x H100 (80 GB) node, the memory formula, and the configs that must be refused."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from jobs import cli
+from mft_ray.config import load_config
+from mft_ray.errors import ConfigError
+from mft_ray.run.plan import GIB, ClusterSpec, ModelShape, finetune_memory_gb, model_shape, resource_plan
+from mft_ray.run.preflight import check_config, check_resources
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+LLAMA = [c for c in CONFIGS if c.name.startswith("llama3_8b_")]
+LLAMA3 = str(REPO / "jobs/configs/llama3_8b_3agents.yaml")
+H100_NODE = ClusterSpec(nodes=1, gpus_per_node=8, gpu_memory_gb=80.0, cpus_per_node=192)  # a p5.48xlarge
+# Llama-3-8B's config.json, the fields the count reads.
+LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+             "vocab_size": 128256, "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import common
+
+    monkeypatch.setattr(common, "setup_logging", lambda: None)
+
+
+def test_shipped_configs_include_both_gpu_configs() -> None:
+    assert {c.name for c in LLAMA} == {"llama3_8b_3agents.yaml", "llama3_8b_5agents.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_shipped_config_plans_without_problems_on_8_h100(path: Path) -> None:
+    config = load_config(path)
+    plan = resource_plan(config, H100_NODE)
+    assert plan.problems == [], plan.format()
+    assert plan.societies and all(s.fits for s in plan.societies), plan.format()
+    check_resources(config)  # the preflight's part of the plan refuses nothing either
+    if plan.finetune is not None:
+        assert plan.finetune.at_once is not None and plan.finetune.at_once >= 1, plan.format()
+    if config.resources.num_gpus_per_agent > 0:  # inference on GPUs: so is training
+        assert plan.finetune is not None and plan.finetune.gpus_per_worker > 0
+
+
+@pytest.mark.parametrize("path", LLAMA, ids=[c.name for c in LLAMA])
+def test_gpu_configs_train_8b_on_gpus_within_an_h100(path: Path) -> None:
+    config = load_config(path)
+    ft = config.finetune
+    assert (ft.gpus_per_worker, ft.zero_stage, ft.bf16, ft.gradient_checkpointing) == (1, 3, True, True)
+    assert ft.iterations >= 1 and ft.max_failures >= 1
+    # The paper's hyperparameters (Phi-3's, used for Llama-3 too).
+    assert (ft.generator.learning_rate, ft.generator.epochs, ft.generator.batch_size) == (5e-6, 2, 1)
+    assert (ft.critic.learning_rate, ft.critic.epochs, ft.critic.batch_size) == (5e-7, 1, 1)
+    assert (ft.later_learning_rate, ft.later_weight_decay) == (5e-7, 1e-3)
+    plan = resource_plan(config, H100_NODE)
+    memory = plan.finetune.memory_gb
+    assert memory is not None and 20 < memory["total"] < 80, plan.format()
+    assert plan.finetune.units == 2 * config.debate.agents
+    # The header's launch command runs jobs.iterate with this very file.
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert re.search(rf"python -m jobs\.iterate --config jobs/configs/{path.name}", header), header
+
+
+def test_parameter_count_from_a_local_config_json(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    shape = model_shape(load_config(None, [f"model.path={tmp_path}", "model.num_parameters=1.0"]))
+    assert shape is not None and shape.source.startswith("config.json")  # the checkpoint wins
+    assert abs(shape.parameters - 8.03e9) / 8.03e9 < 0.002, shape
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA3_8B, "tie_word_embeddings": True}))
+    tied = model_shape(load_config(None, [f"model.path={tmp_path}"]))
+    assert tied is not None and tied.parameters == shape.parameters - 128256 * 4096
+
+
+def test_parameter_count_from_the_setting_or_unknown() -> None:
+    shape = model_shape(load_config(LLAMA3))
+    assert shape is not None and shape.parameters == 8.03e9 and "model.num_parameters" in shape.source
+    config = load_config(LLAMA3, ["model.num_parameters=null"])
+    assert model_shape(config) is None
+    plan = resource_plan(config, H100_NODE)
+    assert plan.finetune.memory_gb is None and plan.problems == []
+    assert any("set model.num_parameters" in note for note in plan.notes)
+    with pytest.raises(ConfigError, match=r"model\.num_parameters \(billions\) must be > 0 or null, got -1"):
+        load_config(None, ["model.num_parameters=-1"])
+
+
+def test_memory_formula_partitions_by_zero_stage() -> None:
+    shape = ModelShape(1e9, 2048, 16, 32000, "test")
+    by_stage = {z: finetune_memory_gb(shape, 4, z, True, True, 1, 1024) for z in (0, 1, 2, 3)}
+    full = {"weights": 2e9 / GIB, "gradients": 2e9 / GIB, "AdamW": 12e9 / GIB}
+    assert by_stage[0]["weights"] == full["weights"] and by_stage[0]["AdamW"] == full["AdamW"]
+    assert by_stage[1]["AdamW"] == full["AdamW"] / 4 and by_stage[1]["gradients"] == full["gradients"]
+    assert by_stage[2]["gradients"] == full["gradients"] / 4 and by_stage[2]["weights"] == full["weights"]
+    assert by_stage[3]["weights"] == full["weights"] / 4
+    fp32 = finetune_memory_gb(shape, 1, 0, False, True, 1, 1024)
+    assert fp32["weights"] == 4e9 / GIB and fp32["AdamW"] == 8e9 / GIB  # no separate master copy
+    without = finetune_memory_gb(shape, 4, 3, True, False, 1, 1024)
+    assert without["activations"] > by_stage[3]["activations"]  # gradient checkpointing saves memory
+    assert all(abs(m["total"] - sum(v for k, v in m.items() if k != "total")) < 1e-9 for m in by_stage.values())
+
+
+def test_gpu_inference_with_cpu_finetunes_is_refused() -> None:
+    config = load_config(LLAMA3, ["finetune.gpus_per_worker=0"])
+    with pytest.raises(ConfigError) as info:
+        check_config(config, endpoint=False)
+    message = str(info.value)
+    assert "resources.num_gpus_per_agent=0.5 runs inference on GPUs but finetune.gpus_per_worker=0 would train " \
+           "each of the 6 finetunes per iteration on CPU" in message, message
+    # Jobs that finetune nothing, no finetuning iterations, or an evaluation-only method: nothing to refuse.
+    check_resources(config, finetunes=False)
+    check_resources(load_config(LLAMA3, ["finetune.gpus_per_worker=0", "finetune.iterations=0"]))
+    check_resources(load_config(LLAMA3, ["finetune.gpus_per_worker=0", "method=debate"]))
+
+
+def test_a_finetune_over_the_gpu_memory_is_refused() -> None:
+    config = load_config(LLAMA3, ["finetune.num_workers=1"])
+    with pytest.raises(ConfigError, match=r"a finetune needs an estimated 1\d\d\.\d GiB per GPU \(ZeRO-3 over 1 "
+                                          r"worker\(s\), bf16.*more than resources\.gpu_memory_gb=80; raise "
+                                          r"finetune\.num_workers"):
+        check_resources(config)
+    check_resources(load_config(LLAMA3, ["finetune.num_workers=1", "resources.gpu_memory_gb=192"]))  # a bigger GPU
+    with pytest.raises(ConfigError, match=r"more than resources\.gpu_memory_gb=40"):  # 4 workers on 40 GB A100s
+        check_resources(load_config(LLAMA3, ["resources.gpu_memory_gb=40"]))
+    check_resources(load_config(LLAMA3, ["resources.gpu_memory_gb=40", "finetune.num_workers=8",
+                                         "resources.num_gpus_per_agent=1", "model.gpu_memory_utilization=0.85"]))
+
+
+def test_vllm_engines_that_cannot_share_a_gpu_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"puts 2 vLLM engines on one GPU, each reserving "
+                                          r"model\.gpu_memory_utilization=0\.85 of it; lower it to <= 0\.50"):
+        check_resources(load_config(LLAMA3, ["model.gpu_memory_utilization=0.85"]))
+
+
+def test_tests_configs_are_not_refused() -> None:
+    # What the test suite runs: built-in models on fractional CPUs, and GPU inference for jobs that only debate.
+    for overrides in ([], ["resources.num_cpus_per_agent=0.25", "finetune.cpus_per_worker=0.5"],
+                      ["model.path=builtin:tiny-random", "resources.num_gpus_per_agent=1"]):
+        finetunes = "resources.num_gpus_per_agent=1" not in overrides
+        check_config(load_config(None, overrides), endpoint=False, finetunes=finetunes)
+
+
+def test_cluster_too_small_for_the_society_or_a_finetune() -> None:
+    plan = resource_plan(load_config(LLAMA3), ClusterSpec(nodes=1, gpus_per_node=2, cpus_per_node=96))
+    assert not any(s.fits for s in plan.societies) and plan.finetune.at_once == 0
+    assert any(p.startswith("the iteration 0 (base model) society needs 7 engine(s) of GPU 0.5") for p in plan.problems)
+    assert any(p.startswith("a finetune needs 4 worker(s) of GPU 1, CPU 8") for p in plan.problems)
+    two_nodes = resource_plan(load_config(LLAMA3, ["debate.agents=5"]), ClusterSpec(nodes=2, gpus_per_node=4))
+    assert two_nodes.problems == [] and two_nodes.finetune.at_once == 2  # groups and societies span nodes
+
+
+def test_mft_plan_prints_the_plan_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    for path in LLAMA:
+        assert cli.main(["plan", "--config", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "society, iteration 0 (base model):" in out and "memory per GPU, estimated:" in out, out
+        assert "ZeRO-3, bf16, gradient checkpointing on" in out and out.rstrip().endswith("problems: none"), out
+    assert cli.main(["plan", "--config", LLAMA3, "--json", "--nodes", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["cluster"]["nodes"] == 2 and data["finetune"]["workers"] == 4 and data["problems"] == []
+
+
+def test_mft_plan_exits_2_with_the_problems(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["plan", "--config", LLAMA3, "finetune.num_workers=1"]) == 2
+    captured = capsys.readouterr()
+    assert "PROBLEM: a finetune needs an estimated" in captured.out, captured.out
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the plan has 1 problem(s)" in errors[0], captured.err
+    assert cli.main(["plan", "--config", LLAMA3, "--gpu-memory-gb", "40"]) == 2
+    assert "more than the cluster's 40 GiB GPUs" in capsys.readouterr().out
+    assert cli.main(["plan", "--config", LLAMA3, "--nodes", "0"]) == 2
+    assert "error: --nodes must be >= 1, got 0" in capsys.readouterr().err
