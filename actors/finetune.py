@@ -24,15 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from mft_ray.errors import FinetuneError
+import actors.placement as placement  # as a module: tests replace its cluster readers
+from mft_ray.errors import FinetuneError, PlacementError
 from mft_ray.run.files import partial_path
-from mft_ray.training.export import checkpoint_is_complete, checkpoint_problem, read_train_metrics
+from mft_ray.training.export import checkpoint_problem, read_train_metrics
+from mft_ray.training.loop import train_loop_per_worker
 from mft_ray.training.spec import FinetuneJob
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["FinetuneError", "check_finetunes_fit", "checkpoint_is_complete", "run_finetunes"]
 
 
 def _usable_storage(experiment: Path) -> bool:
@@ -52,11 +54,6 @@ def _usable_storage(experiment: Path) -> bool:
 @ray.remote(num_cpus=0)
 def _fit(job: FinetuneJob, workers: int, cpus: float, gpus: float, max_failures: int,
          storage_path: str) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mft_ray.training.loop import train_loop_per_worker
-
     experiment = Path(storage_path) / job.name
     if not _usable_storage(experiment):
         logger.warning("finetune %s: the Ray Train run in %s is broken (unreadable snapshot or missing "
@@ -107,11 +104,9 @@ def check_finetunes_fit(workers: int, cpus_per_worker: float, gpus_per_worker: f
     Ray Train queues a worker group that does not fit and waits, without a time limit, for resources
     that may never come; finetunes that merely have to take turns are fine.
     """
-    from actors.placement import alive_node_resources, physical, unmet
-    from mft_ray.errors import PlacementError
-
     bundle = {"CPU": cpus_per_worker, "GPU": gpus_per_worker}
-    why = unmet([bundle] * workers, physical(ray.cluster_resources()), alive_node_resources())
+    why = placement.unmet([bundle] * workers, placement.physical(ray.cluster_resources()),
+                          placement.alive_node_resources())
     if why:
         raise PlacementError(f"a finetune {why}. Lower finetune.num_workers, finetune.cpus_per_worker or "
                              "finetune.gpus_per_worker, or add nodes.")

@@ -23,7 +23,7 @@ from actors.placement import place
 from mft_ray.config import Config, ModelConfig
 from mft_ray.engines import Conversation, SamplingParams
 from mft_ray.methods.registry import prompt_set
-from mft_ray.society.members import Member, plan_engines, society_members
+from mft_ray.society.members import plan_engines, society_members
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class SocietyGroup:
         shared = [g for g in groups if len(g.members) > 1]
         logger.info("%s: %d members on %d engine(s)%s", name, len(chosen), len(groups),
                     "".join(f"; shared engine: {g.describe()}" for g in shared))
+        prompts = prompt_set(config)  # before placing: nothing to release if it fails
         bundle = {"CPU": res.num_cpus_per_agent, "GPU": res.num_gpus_per_agent}
         self.pg = place([bundle] * len(groups), res.placement_strategy, res.placement_timeout_s, name,
                         lifetime="detached" if detached else None)
@@ -61,7 +62,6 @@ class SocietyGroup:
         self.actors: list[Any] = []
         self.coordinator: Any | None = None
         restarts = {} if max_restarts is None else {"max_restarts": max_restarts, "max_task_retries": 0}
-        prompts = prompt_set(config)
         try:
             for i, group in enumerate(groups):
                 named = {"name": self.actor_names[i], "lifetime": "detached"} if detached else {}
@@ -76,7 +76,7 @@ class SocietyGroup:
         except Exception:
             self.shutdown()
             raise
-        self.groups = groups
+        self.paths = {str(m): p for m, p in paths.items()}  # member name -> weights
         self.routes = {str(m): a for g, a in zip(groups, self.actors) for m in g.members}
 
     def wait_ready(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
@@ -129,8 +129,3 @@ class SocietyGroup:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-
-def member_paths(config: Config, model_paths: Mapping[Member, str] | None) -> dict[str, str]:
-    """Member name -> weights of the whole society (``config.model.path`` where ``model_paths`` is silent)."""
-    return {str(m): (model_paths or {}).get(m, config.model.path)
-            for m in society_members(config.debate.agents, config.debate.summarize)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Mapping, Sequence
 
 import ray
@@ -16,7 +17,7 @@ from actors.finetune import check_finetunes_fit, run_finetunes
 from actors.group import SocietyGroup
 from mft_ray.config import Config, FinetuneConfig
 from mft_ray.engines import Conversation, SamplingParams
-from mft_ray.errors import EngineError, PlacementError
+from mft_ray.errors import EngineError, PlacementError, root_cause
 from mft_ray.society.members import Member
 from mft_ray.tasks import Problem
 from mft_ray.training.spec import FinetuneJob
@@ -28,7 +29,7 @@ HELDOUT = "heldout"  # the held-out scorer's one member
 
 class RayHeldoutScorer:
     """The held-out model (``metrics.nll_model``, default the base model) in a one-member group, placed like
-    any agent. It starts loading at construction, so the driver's embedding work overlaps it."""
+    any agent. Once placed it loads in the background, so the driver's embedding work overlaps the load."""
 
     def __init__(self, config: Config) -> None:
         model, path = config.model, config.metrics.nll_model or config.model.path
@@ -38,6 +39,7 @@ class RayHeldoutScorer:
                                   "metrics.nll_model to a local checkpoint, or metrics.nll_problems=0")
             model = dataclasses.replace(model, engine="hf")  # a local checkpoint next to a served society
         self.timeout_s = config.resources.placement_timeout_s
+        self.deadline = time.monotonic() + self.timeout_s  # placement and loading share one time limit
         try:
             # No restarts: a scorer that crashed (e.g. out of memory) would crash again; the metric is skipped.
             self.group = SocietyGroup(config, {HELDOUT: path}, name="heldout-scorer", members=[HELDOUT],
@@ -49,13 +51,13 @@ class RayHeldoutScorer:
         """Mean per-token NLL of each completion (``Engine.score``); EngineError if it cannot be had."""
         try:
             # Bounded like a society's placement: a scorer the cluster cannot start is skipped, not waited for.
-            self.group.wait_ready(self.timeout_s)
+            self.group.wait_ready(max(0.0, self.deadline - time.monotonic()))
             return ray.get(self.group.async_score(HELDOUT, conversations, completions))
         except ray.exceptions.GetTimeoutError as exc:
             raise EngineError(f"held-out NLL skipped: the scoring actor did not start within "
                               f"{self.timeout_s:.0f}s (resources.placement_timeout_s)") from exc
-        except EngineError:
-            raise
+        except EngineError as exc:
+            raise root_cause(exc) from None  # the scorer's own error (e.g. ScoringNotSupported), not Ray's wrapper
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             # E.g. out of memory while scoring: the debate and its other metrics are worth keeping.
             raise EngineError(f"held-out NLL skipped: scoring failed: {str(exc).splitlines()[-1]}") from exc
@@ -88,9 +90,6 @@ class RayRuntime:
         if not wanted:
             return {m: [] for m in requests}
         with SocietyGroup(config, model_paths, name=name) as group:
-            unknown = sorted(set(wanted) - set(group.routes))
-            if unknown:
-                raise ValueError(f"no such society member(s): {unknown}; members: {sorted(group.routes)}")
             base = SamplingParams.from_config(config.sampling)
             refs = {m: group.async_generate(m, convs, base.derive(*seed_parts, m)) for m, convs in wanted.items()}
             logger.info("%s: %d conversations for %s", name, sum(map(len, wanted.values())), ", ".join(wanted))

@@ -34,7 +34,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from actors.coordinator import submit_rounds
-from actors.group import SocietyGroup, member_paths
+from actors.group import SocietyGroup
 from mft_ray.config import Config, config_from_dict
 from mft_ray.errors import ServiceError, root_cause
 from mft_ray.society.events import ERROR, FINAL, START, Event, EventStream, StreamRegistry, question_key, turn_event
@@ -172,12 +172,11 @@ def start_service(config: Config, iteration: int = 0, model_paths: dict[Member, 
     if _find(name, namespace) is not None:
         raise ServiceError(f"a debate service named {name!r} already runs in namespace {namespace!r}; "
                            f"stop it first (mft stop --name {name}) or choose another --name")
-    paths = member_paths(config, model_paths)
     society = SocietyGroup(config, model_paths, name=name, detached=True)
     service = None
     try:
         service = DebateService.options(name=name, lifetime="detached").remote(
-            config.to_dict(), society.routes, iteration, name, society.actor_names, society.pg, paths)
+            config.to_dict(), society.routes, iteration, name, society.actor_names, society.pg, society.paths)
         info = ray.get(service.info.remote())
     except Exception:
         if service is not None:

@@ -56,7 +56,6 @@ def main(config: Config, iteration: int = 0, society_from: str | None = None) ->
     run or, with ``society_from``, of another run directory on this config's task (zero-shot transfer)."""
     if iteration < 0:
         raise ConfigError(f"--iteration must be >= 0, got {iteration}")
-    check_config(config, finetunes=False)  # this job finetunes nothing
     origin: dict[str, Any] = {}
     run = source = RunDir(config.run_dir)
     if society_from is not None:
@@ -69,6 +68,8 @@ def main(config: Config, iteration: int = 0, society_from: str | None = None) ->
         origin = {"society_from": str(source.root), "finetune_task": src_task, "method": method}
         logger.info("zero-shot transfer: society %d of %s (finetuned on %s) evaluated on %s", iteration,
                     source.root, src_task, config.task.name)
+    # The method is known now (a transfer evaluates the source run's); this job finetunes nothing.
+    check_config(config, finetunes=False)
     given, config = config, method_config(config, "evaluate")
     if society_from is None:
         run.check_method(config.method)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, Sequence
 
 from actors.runtime import RayRuntime
@@ -67,6 +68,8 @@ def main(config: Config, runtime: stages.Runtime | None = None) -> dict[str, Any
     summary: dict[str, Any] = {"task": config.task.name, "method": method.name, "method_info": describe(given),
                                "agents": config.debate.agents, "rounds": config.debate.rounds, "iterations": []}
 
+    start = time.time()
+
     def record(entry: dict[str, Any]) -> None:
         summary["iterations"].append(entry)
         write_json_atomic(summary, run.summary_path)
@@ -91,6 +94,8 @@ def main(config: Config, runtime: stages.Runtime | None = None) -> dict[str, Any
         record({**metrics, "datasets": counts,
                 "finetunes": {k: {"examples": v["examples"], "loss_before": v["loss_before"],
                                   "loss_after": v["loss_after"]} for k, v in finetunes.items()}})
+        logger.info("[iteration %d/%d] done after %.0fs: accuracy %.3f ± %.3f", it, L, time.time() - start,
+                    metrics["accuracy"], metrics["stderr"])
     summary["table"] = write_report(run, summary)
     summary["report"] = str(run.report_path)
     return summary

@@ -8,8 +8,9 @@ anything else is a bug and keeps its traceback. The codes:
     4  a model cannot be loaded or served (an engine error, an endpoint that fails for good)
     5  a finetune failed for good (its Ray Train workers died more than ``finetune.max_failures`` times)
 
-Each class also derives from the builtin it refines (``ValueError`` for bad input, ``RuntimeError``
-otherwise), so callers that catch those keep working.
+Each class also derives from the builtin the code raised before this module existed (``ValueError``
+for most bad input, ``RuntimeError`` for records, resources, models and finetunes), so callers that catch
+those keep working.
 """
 
 from __future__ import annotations

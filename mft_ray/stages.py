@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from mft_ray.config import Config, FinetuneConfig
 from mft_ray.engines import Conversation
-from mft_ray.errors import ConfigError, EngineError, one_line, root_cause
+from mft_ray.errors import ConfigError, EngineError, one_line
 from mft_ray.methods.datasets import build_sets, build_star_sets, star_requests
 from mft_ray.methods.registry import get_method, prompt_set, society_after, train_units
 from mft_ray.metrics import diversity
@@ -131,19 +131,20 @@ def rationalize(runtime: Runtime, config: Config, run: RunDir, task: Task, itera
         return saved
     questions = {p.id: p.question for p in problems}
     prompts = prompt_set(config)
-    requests: dict[str, list] = defaultdict(list)
-    keys: dict[str, list[str]] = defaultdict(list)
+    requests: dict[Member, list] = defaultdict(list)
+    keys: dict[Member, list[str]] = defaultdict(list)
     for pid, n in wrong:
-        member = str(Member(GENERATOR, n))
+        member = Member(GENERATOR, n)
         requests[member].append([{"role": "user", "content": prompts.rationalize(questions[pid], labels[pid])}])
         keys[member].append(pid)
     logger.info("iteration %d: STaR re-asks %d wrong round-1 answers with the true answer as a hint",
                 iteration, len(wrong))
-    replies = runtime.generate(config, model_paths, requests, (iteration - 1, "finetune", "rationalize"),
+    replies = runtime.generate(config, model_paths, {str(m): r for m, r in requests.items()},
+                               (iteration - 1, "finetune", "rationalize"),
                                name=f"society-iter{iteration - 1}-rationalize") if wrong else {}
-    rows = [{"problem_id": pid, "agent": int(member.rsplit("_", 1)[1]), "messages": conv, "response": text}
+    rows = [{"problem_id": pid, "agent": member.index, "messages": conv, "response": text}
             for member in sorted(requests)
-            for pid, conv, text in zip(keys[member], requests[member], replies[member])]
+            for pid, conv, text in zip(keys[member], requests[member], replies[str(member)])]
     write_jsonl_atomic(rows, path)
     return rows
 
@@ -283,7 +284,7 @@ def diversity_metrics(runtime: Runtime, config: Config, task: Task, records: pa.
             try:
                 scores = scorer.score(conversations, completions)
             except EngineError as exc:  # ScoringNotSupported included: a metric never fails the evaluation
-                reason = one_line(root_cause(exc))  # the actor's message, not Ray's traceback
+                reason = one_line(exc)
                 logger.warning("%s", reason)
                 details["skipped"]["nll"] = reason
             else:

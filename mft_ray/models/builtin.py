@@ -23,8 +23,8 @@ from mft_ray.models.tiny import TinyModelSpec, build_tiny_llama
 
 logger = logging.getLogger(__name__)
 
+SMOLLM2 = "smollm2-135m-instruct"  # the built-in real model (mft_ray.models.smollm2)
 # Files that hold weights in a local checkpoint (sharded ones included); one must exist.
-SMOLLM2 = "smollm2-135m-instruct"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 

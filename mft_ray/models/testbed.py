@@ -18,10 +18,11 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mft_ray.models.tiny import TinyModelSpec, build_tiny_llama
+from mft_ray.models.tiny import MAX_NUMBER_TOKEN, TinyModelSpec, build_tiny_llama
 from mft_ray.society.debate import TurnBatch, critic_messages, round1_messages, summary_messages
 from mft_ray.society.prompts import PromptSet
 from mft_ray.tasks.arithmetic import arithmetic_question
+from mft_ray.training.tokenize import collate, encode_example
 
 logger = logging.getLogger(__name__)
 
@@ -226,8 +227,6 @@ def _fourier_init(model, tok, scale: float) -> None:
     """Write cos/sin of each number token's value into its first embedding dims."""
     import torch
 
-    from mft_ray.models.tiny import MAX_NUMBER_TOKEN
-
     if scale <= 0:
         return
     emb = model.get_input_embeddings().weight
@@ -261,8 +260,6 @@ def pretrain(out_dir: str | Path, spec: TestbedSpec = TestbedSpec()) -> Path:
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mft_ray.training.tokenize import collate, encode_example
 
     out = build_tiny_llama(out_dir, spec.model, words=tuple(testbed_words()))
     tok = AutoTokenizer.from_pretrained(out)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mft_ray.methods.registry import METHODS
+
 DEFAULT_METHOD = "multiagent_ft"
 EVALUATION_ONLY = ("base", "majority", "debate")
 TASK_TITLES = {"arithmetic": "Arithmetic", "gsm8k": "GSM8K", "math": "MATH", "mmlu": "MMLU"}
@@ -37,8 +39,6 @@ def method_title(name: str, summary: dict[str, Any] | None = None) -> str:
     info = (summary or {}).get("method_info") or {}
     if info.get("title") and info.get("name", name) == name:
         return str(info["title"])
-    from mft_ray.methods.registry import METHODS
-
     if name in METHODS:
         return METHODS[name].title
     words = ["FT" if w.lower() == "ft" else w for w in name.split("_") if w] or ["?"]

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from mft_ray.config import BUILTIN_PREFIX, Config
-from mft_ray.errors import ConfigError
+from mft_ray.errors import ConfigError, MftError
 from mft_ray.methods.registry import get_method, method_config, train_units
+from mft_ray.models.builtin import BUILTIN_MODELS, builtin_model_dir
 from mft_ray.society.members import CRITIC, SUMMARIZER, plan_engines, society_members
 
 GIB = 2**30
@@ -175,12 +176,10 @@ def model_shape(config: Config) -> ModelShape | None:
     if config.model.engine != "openai":
         local: Path | None = Path(path).expanduser()
         if path.startswith(BUILTIN_PREFIX):
-            from mft_ray.models.builtin import BUILTIN_MODELS, builtin_model_dir
-
             name = path[len(BUILTIN_PREFIX):]
             try:  # cached or not, nothing is built here; a missing source package means "unknown"
                 local = builtin_model_dir(name) if name in BUILTIN_MODELS else None
-            except (ConfigError, OSError):
+            except (MftError, OSError):
                 local = None
         shape = _shape_from_config_json(local / "config.json") if local is not None else None
         if shape is not None:

@@ -7,8 +7,7 @@ import re
 from typing import Any
 
 from mft_ray.errors import DataError
-from mft_ray.tasks.answers import (ANSWER_IS, BOXED, NONE, OPTION_LETTER, PAREN_LETTER, ParsedAnswer,
-                                   last_boxed)
+from mft_ray.tasks.answers import ANSWER_IS, BOXED, NONE, OPTION_LETTER, PAREN_LETTER, ParsedAnswer, last_boxed
 from mft_ray.tasks.base import Problem, Task
 from mft_ray.tasks.readers import normalize_subject, optional, read_rows, record_id, require
 

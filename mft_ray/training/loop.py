@@ -17,6 +17,8 @@ uninterrupted run. A checkpoint from another job (another config, data file or w
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -26,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mft_ray.run.files import partial_path
+from mft_ray.run.files import file_digest, partial_path
 from mft_ray.training.export import METRICS_NAME, fsync_tree, write_manifest
 from mft_ray.training.spec import FinetuneJob, TrainingSpec
 from mft_ray.training.tokenize import collate, encode_example
@@ -85,11 +87,6 @@ def _fingerprint(job: FinetuneJob, examples: int, world: int) -> str:
     The settings are the spec, the name and the input paths (not the output directory, the iteration or the
     test-only fault hook); hashed as the flat dict earlier versions passed to the loop, so a run started by
     one of those still resumes."""
-    import dataclasses
-    import hashlib
-
-    from mft_ray.run.files import file_digest
-
     keys = {**dataclasses.asdict(job.spec), "init_path": job.init_path, "data_path": job.data_path, "name": job.name}
     blob = json.dumps({"cfg": keys, "data": file_digest(job.data_path), "examples": examples, "world": world},
                       sort_keys=True, default=str)

@@ -93,4 +93,4 @@ class FinetuneJob:
         """The job ``to_loop_config`` wrote (unknown or missing keys raise TypeError)."""
         data = dict(data)
         spec = data.pop("spec")
-        return cls(**data, spec=spec if isinstance(spec, TrainingSpec) else TrainingSpec(**spec))
+        return cls(**data, spec=TrainingSpec(**spec))

@@ -26,7 +26,7 @@ from mft_ray.run.records import read_records, shard_path, write_shard
 from mft_ray.run.rundir import RunDir
 from mft_ray.tasks import make_splits, make_task
 from mft_ray.training.export import MANIFEST_NAME, checkpoint_problem, write_manifest
-from tests.methods.test_finetune_sets import TWO_ROUNDS, records_for
+from tests.methods.test_datasets import TWO_ROUNDS, records_for
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:

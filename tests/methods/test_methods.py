@@ -2,7 +2,7 @@
 label-isolation test, every method through the jobs.iterate driver, and STaR end to end on real Ray.
 
 Dataset rules are checked against sets spelled out by hand from records written in
-tests/methods/test_finetune_sets.py's format (every reply names its problem, agent and round).
+tests/methods/test_datasets.py's format (every reply names its problem, agent and round).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from mft_ray.run.records import read_records
 from mft_ray.society.members import CRITIC, GENERATOR, Member
 from mft_ray.tasks import make_task
 from tests.conftest import REPO
-from tests.methods.test_finetune_sets import (
+from tests.methods.test_datasets import (
     TWO_ROUNDS,
     expected_two_rounds,
     gen_example,
