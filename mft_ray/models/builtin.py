@@ -53,7 +53,7 @@ def _build_cached(name: str, key: str, builder: Callable[[Path], object]) -> Pat
 
 
 def _testbed_spec(name: str) -> TestbedSpec:
-    return MINI_TESTBED if name == "testbed-mini" else TestbedSpec()
+    return (MINI_TESTBED if name == "testbed-mini" else TestbedSpec()).for_this_cpu()
 
 
 def _builder(name: str) -> tuple[str, Callable[[Path], object]]:

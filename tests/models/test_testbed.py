@@ -184,3 +184,15 @@ def test_report_table_rows_and_plot(tmp_path):
     assert PLOT.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="no iteration 0"):
         result_rows({"iterations": []})
+
+
+def test_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """Without native bf16 a testbed build would take hours (bf16 matmuls ~90x slower than fp32, measured on
+    an AVX2-only CPU): such a CPU builds in fp32, under its own cache key."""
+    spec = testbed.TestbedSpec()
+    monkeypatch.setattr(testbed, "native_bf16", lambda: True)
+    assert spec.for_this_cpu() is spec and spec.for_this_cpu().key() == spec.key()
+    monkeypatch.setattr(testbed, "native_bf16", lambda: False)
+    fp32 = spec.for_this_cpu()
+    assert fp32.bf16 is False and fp32.key() != spec.key()
+    assert testbed.MINI_TESTBED.for_this_cpu() is testbed.MINI_TESTBED  # fp32 already
