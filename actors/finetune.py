@@ -1,10 +1,11 @@
 """Launch the 2N per-agent finetunes of an iteration with Ray Train (TorchTrainer + DeepSpeed).
 
 Each finetune is its own TorchTrainer with its own ScalingConfig. Their ``fit()`` calls run in
-separate Ray tasks, so the finetunes run concurrently when the cluster has room; a finetune whose
-workers cannot be placed yet waits for resources that earlier finetunes release (Ray Train queues
-its worker group). A finished finetune is recognised by its exported checkpoint (checked whole,
-``mft_ray.training.export``) and skipped.
+separate Ray tasks, as many at once as the cluster holds (``finetune.max_concurrent`` lowers that); the
+rest wait here and start as earlier ones finish. (Handing Ray Train more worker groups than fit makes
+the extra ones time out waiting for workers and restart, over and over, while they compete for the
+CPUs the running ones train on.) A finished finetune is recognised by its exported checkpoint (checked
+whole, ``mft_ray.training.export``) and skipped.
 
 Failures: the training loop reports a checkpoint of its full training state to Ray Train at every
 epoch end (``finetune.checkpoint_every_steps`` adds more). If a worker dies, Ray Train restarts the
@@ -112,13 +113,25 @@ def check_finetunes_fit(workers: int, cpus_per_worker: float, gpus_per_worker: f
                              "finetune.gpus_per_worker, or add nodes.")
 
 
+def concurrent_slots(workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                     total: dict[str, float]) -> int:
+    """How many finetunes of ``workers`` workers fit in ``total`` resources at once (at least 1)."""
+    slots = []
+    for key, per_worker in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
+        if per_worker > 0:
+            slots.append(int(total.get(key, 0.0) / (workers * per_worker) + 1e-9))
+    return max(1, min(slots, default=1))
+
+
 def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, cpus_per_worker: float = 1.0,
-                  gpus_per_worker: float = 0.0, max_failures: int = 0) -> dict[str, dict[str, Any]]:
-    """Run every job not already complete, concurrently; return each job's training metrics.
+                  gpus_per_worker: float = 0.0, max_failures: int = 0,
+                  max_concurrent: int = 0) -> dict[str, dict[str, Any]]:
+    """Run every job not already complete, as many at once as fit (at most ``max_concurrent`` if > 0);
+    return each job's training metrics.
 
     ``storage_path`` holds the Ray Train runs (``RunDir.ray_train_dir``): a killed finetune resumes there."""
     results: dict[str, dict[str, Any]] = {}
-    pending = {}
+    todo: list[FinetuneJob] = []
     for job in jobs:
         why = checkpoint_problem(job.output_dir)
         if why is None:
@@ -128,17 +141,25 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
         if Path(job.output_dir).exists():
             logger.warning("finetune %s: %s is not a whole checkpoint (%s); redoing it", job.describe(),
                            job.output_dir, why)
-        if not pending:
-            check_finetunes_fit(workers, cpus_per_worker, gpus_per_worker)
-        ref = _fit.remote(job, workers, cpus_per_worker, gpus_per_worker, max_failures, storage_path)
-        pending[ref] = job
-    total, start = len(pending), time.time()
-    while pending:
+        todo.append(job)
+    if not todo:
+        return results
+    check_finetunes_fit(workers, cpus_per_worker, gpus_per_worker)
+    slots = concurrent_slots(workers, cpus_per_worker, gpus_per_worker, placement.physical(ray.cluster_resources()))
+    if max_concurrent > 0:
+        slots = min(slots, max_concurrent)
+    logger.info("%d finetunes, %d at a time", len(todo), min(slots, len(todo)))
+    total, start = len(todo), time.time()
+    pending: dict[Any, FinetuneJob] = {}
+    while todo or pending:
+        while todo and len(pending) < slots:
+            job = todo.pop(0)
+            pending[_fit.remote(job, workers, cpus_per_worker, gpus_per_worker, max_failures, storage_path)] = job
         done, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(done[0])
         results[job.name] = ray.get(done[0])
         m = results[job.name]
         logger.info("finetune %s done (%d/%d, %.0fs): %d examples, loss %.4f -> %.4f", job.name,
-                    total - len(pending), total, time.time() - start, m["examples"], m["loss_before"],
+                    total - len(pending) - len(todo), total, time.time() - start, m["examples"], m["loss_before"],
                     m["loss_after"])
     return results

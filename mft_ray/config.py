@@ -92,7 +92,8 @@ class ModelConfig:
     static_cache: bool = False  # HF engine: preallocated KV cache (faster on CPU; memory = batch x max length)
     tensor_parallel_size: int = 1  # vLLM
     gpu_memory_utilization: float = 0.85  # vLLM; lower it to pack several agents on one GPU
-    max_model_len: int | None = None  # vLLM
+    max_model_len: int | None = None  # vLLM (null: the model's own; 4096 on CPU, where it is also the step budget)
+    kv_cache_gb: float | None = None  # vLLM on CPU: KV cache size in GiB (null: 1); GPUs use gpu_memory_utilization
     base_url: str | None = None  # openai: API root including the version, e.g. http://127.0.0.1:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key (may be unset locally)
     request_timeout_s: float = 120.0  # openai: socket timeout of one attempt
@@ -110,6 +111,8 @@ class ModelConfig:
         _check(self.max_batch_size >= 1, f"{prefix}.max_batch_size must be >= 1, got {self.max_batch_size}")
         _check(self.tensor_parallel_size >= 1, f"{prefix}.tensor_parallel_size must be >= 1")
         _check(0 < self.gpu_memory_utilization <= 1, f"{prefix}.gpu_memory_utilization must lie in (0, 1]")
+        _check(self.max_model_len is None or self.max_model_len >= 1, f"{prefix}.max_model_len must be >= 1 or null")
+        _check(self.kv_cache_gb is None or self.kv_cache_gb > 0, f"{prefix}.kv_cache_gb must be > 0 or null")
         _check(self.request_timeout_s > 0, f"{prefix}.request_timeout_s must be > 0, got {self.request_timeout_s}")
         _check(self.max_retries >= 0, f"{prefix}.max_retries must be >= 0, got {self.max_retries}")
         _check(self.retry_backoff_s >= 0, f"{prefix}.retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
@@ -239,6 +242,8 @@ class FinetuneConfig:
     # Ray Train worker-group restarts, each resuming from the latest checkpoint, before a finetune fails
     # with an error naming the agent and iteration (0: the first worker death fails it).
     max_failures: int = 0
+    # Finetunes of an iteration running at once: 0 = as many as the cluster's CPUs/GPUs hold.
+    max_concurrent: int = 0
     # Training-state checkpoints reported to Ray Train: 0 = at each epoch end; k > 0 = also every k
     # optimizer steps; null = none (a restarted or rerun finetune then starts over).
     checkpoint_every_steps: int | None = 0
@@ -258,6 +263,7 @@ class FinetuneConfig:
         _check(self.num_workers >= 1, f"{prefix}.num_workers must be >= 1")
         _check(self.cpus_per_worker >= 0 and self.gpus_per_worker >= 0, f"{prefix}: worker resources must be >= 0")
         _check(self.max_failures >= 0, f"{prefix}.max_failures must be >= 0")
+        _check(self.max_concurrent >= 0, f"{prefix}.max_concurrent must be >= 0 (0: as many as fit)")
         _check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 0,
                f"{prefix}.checkpoint_every_steps must be >= 0 or null, got {self.checkpoint_every_steps}")
 

@@ -66,11 +66,12 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def testbed_mini(tmp_path_factory) -> str:
-    """The mini testbed (pretrained ~30 s on arithmetic debate turns): its answers parse and agree."""
-    from mft_ray.models.testbed import MINI_TESTBED, pretrain
+def testbed_mini() -> str:
+    """The mini testbed (pretrained ~30 s on arithmetic debate turns): its answers parse and agree. Built once
+    into the model cache ($MFT_CACHE_DIR), which parallel test workers share."""
+    from mft_ray.models.builtin import resolve_model_path
 
-    return str(pretrain(tmp_path_factory.mktemp("testbed-mini"), MINI_TESTBED))
+    return resolve_model_path("builtin:testbed-mini")
 
 
 @pytest.fixture(scope="session")

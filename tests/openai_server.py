@@ -106,14 +106,23 @@ class OpenAITestServer:
             epoch = self._epoch
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        released = []
+
+        def release() -> None:
+            # Before the reply's first byte: a client that gets its answer may send its next request before
+            # this thread runs again, and that request must not count as a third one in flight.
+            with self._lock:
+                if not released and epoch == self._epoch:
+                    self._in_flight -= 1
+                released.append(True)
+
+        handler.before_reply = release
         try:
             self._respond(handler, body, auth, fault)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (its timeout); nothing to answer
         finally:
-            with self._lock:
-                if epoch == self._epoch:
-                    self._in_flight -= 1
+            release()
 
     def _respond(self, handler: BaseHTTPRequestHandler, body: dict[str, Any] | None, auth: str | None,
                  fault: Fault | None) -> None:
@@ -163,6 +172,7 @@ class OpenAITestServer:
 def _send_json(handler: BaseHTTPRequestHandler, status: int, payload: dict[str, Any],
                headers: dict[str, str] | None = None) -> None:
     data = json.dumps(payload).encode()
+    getattr(handler, "before_reply", lambda: None)()
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))

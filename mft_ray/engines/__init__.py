@@ -11,6 +11,7 @@ from mft_ray.config import ModelConfig
 from mft_ray.engines.base import Conversation, Engine, SamplingParams
 from mft_ray.engines.hf import HFEngine
 from mft_ray.engines.openai_compat import OpenAIEngine
+from mft_ray.engines.vllm import VLLMEngine  # imports vLLM itself only when an engine is built
 from mft_ray.errors import EngineError, ScoringNotSupported
 
 __all__ = ["Conversation", "Engine", "EngineError", "SamplingParams", "ScoringNotSupported", "make_engine"]
@@ -32,11 +33,8 @@ def make_engine(model: ModelConfig, path: str | None = None) -> Engine:
         return HFEngine(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
                         max_batch_size=model.max_batch_size, static_cache=model.static_cache)
     if model.engine == "vllm":
-        # Imported here only: vLLM is an optional dependency (the ``gpu`` extra), absent on most CPUs.
-        from mft_ray.engines.vllm import VLLMEngine
-
         return VLLMEngine(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
                           tensor_parallel_size=model.tensor_parallel_size,
                           gpu_memory_utilization=model.gpu_memory_utilization,
-                          max_model_len=model.max_model_len)
+                          max_model_len=model.max_model_len, kv_cache_gb=model.kv_cache_gb)
     raise EngineError(f"model.engine: unknown engine {model.engine!r}")

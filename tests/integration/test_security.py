@@ -254,6 +254,9 @@ def test_make_engine_hands_trust_remote_code_to_the_engine(engine: str, trust: b
         def __init__(self, *args, **kwargs) -> None:
             seen.update(kwargs)
 
+        def get_tokenizer(self) -> None:
+            return None
+
     monkeypatch.setattr(engines, "HFEngine", Recorder)
     fake_vllm = types.ModuleType("vllm")
     fake_vllm.LLM = Recorder

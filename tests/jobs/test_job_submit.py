@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_session
 
 pytestmark = pytest.mark.integration
 
@@ -50,12 +50,20 @@ def ray_head():
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the local Ray head's job server did not come up within 90 s")
     yield address, env
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    kill_session(proc.pid)  # nothing here needs a graceful stop (SIGTERM took ~30 s)
+    proc.wait()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _submit(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """`ray job submit`, again while the head's job agent is still starting (it answers `ray job list`
+    before it takes jobs: 'No available agent to submit job'; nothing was submitted then)."""
+    deadline = time.time() + 120
+    while True:
+        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        if "No available agent to submit job" not in done.stdout + done.stderr or time.time() > deadline:
+            return done
+        time.sleep(3)
 
 
 def test_job_submit_debate_writes_records(ray_head, tiny_model, tmp_path):
@@ -65,7 +73,7 @@ def test_job_submit_debate_writes_records(ray_head, tiny_model, tmp_path):
            "python", "-m", "jobs.debate", "--config", "jobs/configs/tiny_cpu.yaml",
            f"run_dir={run_dir}", f"model.path={tiny_model}", "task.finetune_size=12",
            "task.eval_size=4", "debate.shard_size=6", "sampling.max_new_tokens=8"]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = _submit(cmd, env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr
 
@@ -83,28 +91,42 @@ def test_job_submit_bad_config_fails_clearly(ray_head):
     address, env = ray_head
     cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
            "python", "-m", "jobs.debate", "--config", "jobs/configs/tiny_cpu.yaml", "debate.agents=0"]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = _submit(cmd, env, timeout=120)
     assert done.returncode != 0
     assert "debate.agents must be >= 1" in done.stdout + done.stderr
 
 
-def test_job_submit_iterate_runs_one_iteration(ray_head, testbed_mini, tmp_path):
+def test_job_submit_iterate_runs_one_iteration_of_the_real_model_on_vllm(ray_head, tmp_path):
+    """A whole iteration of the shipped real-model config under `ray job submit`: SmolLM2-135M-Instruct on
+    the vLLM engine debates, its agents are finetuned by Ray Train on their own sets, and the finetuned
+    checkpoints load back into vLLM engines for the evaluation debate. One agent and 4 problems per split
+    (the job's path is the same as with 3 agents and 200)."""
     import json
+
+    from mft_ray.run.records import read_records
 
     address, env = ray_head
     run_dir = tmp_path / "run"
     cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-           "python", "-m", "jobs.iterate", "--config", "jobs/configs/iterate_cpu.yaml",
-           f"run_dir={run_dir}", f"model.path={testbed_mini}", "task.finetune_size=12", "task.eval_size=6",
-           "finetune.iterations=1", "finetune.generator.epochs=1", "finetune.critic.epochs=1",
-           # One agent (2 finetunes, not 6) and no diversity metrics: the job's path is the same, in half the time.
-           "debate.agents=1", "metrics.embedding=false", "metrics.nll_problems=0"]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+           "python", "-m", "jobs.iterate", "--config", "jobs/configs/smollm2_cpu.yaml",
+           f"run_dir={run_dir}", "task.finetune_size=4", "task.eval_size=4", "debate.shard_size=4",
+           "debate.agents=1", "sampling.max_new_tokens=48", "finetune.iterations=1",
+           "finetune.generator.epochs=1", "finetune.critic.epochs=1", "finetune.generator.max_length=384",
+           "finetune.critic.max_length=768", "model.max_model_len=1024", "model.kv_cache_gb=0.25",
+           "metrics.embedding=false", "metrics.nll_problems=0"]
+    done = _submit(cmd, env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
     society = json.loads((run_dir / "iter_1" / "society.json").read_text())
     finetuned = [m for m, p in society.items() if p == str(run_dir / "iter_1" / m)]
-    assert finetuned, "no agent was finetuned"
+    assert "generator_0" in finetuned, society
+    finetunes = json.loads((run_dir / "iter_1" / "finetunes.json").read_text())
     for member in finetuned:
-        assert (run_dir / "iter_1" / member / "config.json").is_file()
+        assert (run_dir / "iter_1" / member / "model.safetensors").is_file()
+        assert finetunes[member]["loss_after"] < finetunes[member]["loss_before"], finetunes[member]
+    # The finetuned society answered with the real model's chat replies, read by the answer rules.
+    records = read_records(run_dir / "iter_1" / "debate_eval").to_pylist()
+    assert len({r["problem_id"] for r in records}) == 4
+    assert all(r["response"].strip() for r in records)
+    assert any(r["answer_rule"] is not None for r in records)

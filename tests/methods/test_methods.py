@@ -519,3 +519,28 @@ def test_star_runs_one_iteration_end_to_end_with_one_shared_checkpoint(ray_clust
     assert (checkpoint / "config.json").is_file()
     society = json.loads(run.society_path(1).read_text())
     assert society == {f"{r}_{n}": str(checkpoint) for r in (GENERATOR, CRITIC) for n in range(3)}
+
+
+@pytest.mark.parametrize("init_from", ["previous", "base"])
+def test_iteration_two_starts_from_iteration_one_weights_at_the_later_learning_rate(init_from, monkeypatch, tmp_path,
+                                                                                   fake_model):
+    """Algorithm 1's second iteration (the Ray run of it is in benchmarks/faults.py and make demo): society 1
+    debates the finetune split, and each agent's finetune starts from its own iteration-1 checkpoint
+    (``init_from: previous``) or the base model, with ``later_learning_rate`` / ``later_weight_decay``."""
+    run_dir = tmp_path / "run"
+    seen = _drive(monkeypatch, run_dir, fake_model, "multiagent_ft", "finetune.iterations=2",
+                  f"finetune.init_from={init_from}", "finetune.generator.learning_rate=1e-5",
+                  "finetune.later_learning_rate=3e-7", "finetune.later_weight_decay=0.02")
+    first = {j.name: j for j in seen["jobs"] if j.iteration == 1}
+    second = {j.name: j for j in seen["jobs"] if j.iteration == 2}
+    assert first and set(second) == set(first)
+    society_1 = json.loads((run_dir / "iter_1" / "society.json").read_text())
+    assert [(d[0], d[1]) for d in seen["debates"]] == [(0, "finetune"), (1, "finetune")]
+    assert seen["debates"][0][3] is None  # the base society, then society 1 (the summarizer stays the base)
+    assert {str(m): p for m, p in seen["debates"][1][3].items()} == {**society_1, "summarizer": fake_model}
+    for name, job in second.items():
+        assert job.init_path == (str(run_dir / "iter_1" / name) if init_from == "previous" else fake_model)
+        assert (job.spec.learning_rate, job.spec.weight_decay) == (3e-7, 0.02)
+        assert job.spec.seed != first[name].spec.seed
+        assert first[name].spec.learning_rate == (1e-5 if name.startswith(GENERATOR) else 5e-7)
+    assert [e[0] for e in seen["evals"]] == [0, 1, 2]

@@ -27,6 +27,7 @@ def test_converted_checkpoint_is_a_whole_hugging_face_llama(smollm2_dir: Path) -
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
     assert config["tie_word_embeddings"] is True
+    assert "quantization_config" not in config  # plain bf16 weights: vLLM would otherwise look for GGUF ones
     assert (smollm2_dir / "model.safetensors").stat().st_size > 200e6  # 134.5M parameters in bf16
     validate_model_path(str(smollm2_dir), "model.path")
     validate_model_path(NAME, "model.path")
