@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -57,6 +58,20 @@ def kill_session(session: int, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def own_agent_ports() -> list[str]:
+    """`ray start` flags giving a test's head its own agent ports. By default every local Ray instance's
+    dashboard agent (which takes jobs) and runtime-env agent bind fixed ports, so next to another test
+    worker's Ray the head's agent cannot start and `ray job submit` answers 'No available agent'."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A randomly initialised 2-layer Llama with a byte tokenizer and chat template, saved locally."""
@@ -105,3 +120,20 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# The slowest test files, slowest first (measured under `make test`'s two workers). Starting them first lets
+# the two workers finish together instead of one waiting out a long file started last.
+SLOWEST_FIRST = ["integration/test_iterate.py", "integration/test_faults.py", "jobs/test_job_submit.py",
+                 "actors/test_debate_ray.py", "methods/test_methods.py", "actors/test_service.py",
+                 "models/test_smollm2.py", "reports/test_report.py", "engines/test_engine_vllm.py"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: k for k, name in enumerate(SLOWEST_FIRST)}
+
+    def key(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return rank.get(path, len(rank))
+
+    items.sort(key=key)  # stable: the order within a file and among the rest is kept

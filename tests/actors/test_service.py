@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, own_agent_ports
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ def head():
     cmd = [shutil.which("ray", path=env["PATH"]), "start", "--head", "--block", "--num-cpus=2",
            f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           "--include-dashboard=false"]
+           "--include-dashboard=false", *own_agent_ports()]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 90

@@ -256,11 +256,11 @@ def _keys(table) -> Counter:
 
 # engine -> (model fixture or built-in model, overrides): the tiny Llama on the HF engine; the real model on
 # vLLM (CPU build, in the actor's own process), whose engine must go with the actor it lives in. The real
-# model decodes ~50x slower here: half the problems, in the same 4 shards, and shorter replies.
+# model decodes ~50x slower here: a quarter of the problems, in the same 4 shards, and shorter replies.
 ENGINES = {"hf": ("lively_model", ()),
            "vllm": ("builtin:smollm2-135m-instruct", ("model.engine=vllm", "model.max_model_len=1024",
-                                                      "model.kv_cache_gb=0.25", "task.finetune_size=8",
-                                                      "debate.shard_size=2", "sampling.max_new_tokens=16"))}
+                                                      "model.kv_cache_gb=0.25", "task.finetune_size=4",
+                                                      "debate.shard_size=1", "sampling.max_new_tokens=12"))}
 
 
 @pytest.mark.integration

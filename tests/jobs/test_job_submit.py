@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, kill_session
+from tests.conftest import REPO, kill_session, own_agent_ports
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def ray_head():
     cmd = [shutil.which("ray", path=env["PATH"]), "start", "--head", "--block", "--num-cpus=2",
            f"--port={_free_port()}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}",
-           "--disable-usage-stats", "--include-dashboard=true"]
+           "--disable-usage-stats", "--include-dashboard=true", *own_agent_ports()]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
