@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -122,18 +123,22 @@ def ray_cluster():
     ray.shutdown()
 
 
-# The slowest test files, slowest first (measured under `make test`'s two workers). Starting them first lets
-# the two workers finish together instead of one waiting out a long file started last.
-SLOWEST_FIRST = ["integration/test_iterate.py", "integration/test_faults.py", "jobs/test_job_submit.py",
-                 "actors/test_debate_ray.py", "methods/test_methods.py", "actors/test_service.py",
-                 "models/test_smollm2.py", "reports/test_report.py", "engines/test_engine_vllm.py"]
+# Which worker ran which test file, and when: `make test` appends one JSON line per test file to
+# $MFT_CACHE_DIR/test_timeline.jsonl, to see which heavy files ran at the same time (they share 2 cores).
+_FILE_STARTS: dict[str, float] = {}
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: k for k, name in enumerate(SLOWEST_FIRST)}
+def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
+    _FILE_STARTS.setdefault(nodeid.split("::")[0], time.time())
 
-    def key(item: pytest.Item) -> int:
-        path = item.nodeid.split("::")[0].removeprefix("tests/")
-        return rank.get(path, len(rank))
 
-    items.sort(key=key)  # stable: the order within a file and among the rest is kept
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    path = nodeid.split("::")[0]
+    if path not in _FILE_STARTS or not os.environ.get("MFT_CACHE_DIR"):
+        return
+    record = {"file": path, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+              "start": _FILE_STARTS[path], "end": time.time()}
+    timeline = Path(os.environ["MFT_CACHE_DIR"]) / "test_timeline.jsonl"
+    timeline.parent.mkdir(parents=True, exist_ok=True)
+    with timeline.open("a") as f:  # one line per test: the last line of a file holds its end
+        f.write(json.dumps(record) + "\n")
