@@ -1,18 +1,18 @@
 """OpenAI-compatible chat-completions engine: hosted models (GPT-3.5 style) or any server that speaks the
 same protocol (vLLM's ``vllm serve``, SGLang, llama.cpp's server, ...).
 
-Standard library only (``urllib`` + a thread pool): one HTTP request per conversation, at most
-``max_concurrency`` in flight per engine. Requests that fail with 408, 429, 5xx, a connection error or
-a timeout are retried with exponential backoff and jitter (a ``Retry-After`` or ``retry-after-ms``
-header from the server wins, capped at ``MAX_RETRY_WAIT_S``); any other 4xx fails at once. The API
-key is read from the environment variable named in the config and is never logged or put in an error
-message.
+The official ``openai`` client (a vLLM dependency) sends the requests: one per conversation, at most
+``max_concurrency`` in flight per engine (a thread pool over one client). Retries are ours, not the
+client's (it runs with ``max_retries=0``): requests that fail with 408, 429, 5xx, a connection error or a
+timeout are retried with exponential backoff and jitter (a ``Retry-After`` or ``retry-after-ms`` header
+from the server wins, capped at ``MAX_RETRY_WAIT_S``), any other status fails at once, and a request that
+failed for good stops the rest of its batch, which the client's own retry loop cannot do. The API key is
+read from the environment variable named in the config and is never logged or put in an error message.
 """
 
 from __future__ import annotations
 
 import email.utils
-import http.client
 import ipaddress
 import json
 import logging
@@ -20,11 +20,13 @@ import os
 import random
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import Any, Sequence
+from typing import Any
+
+import httpx2 as httpx  # the HTTP library of the openai client (httpx 2)
+import openai
 
 from mft_ray.engines.base import Conversation, Engine, SamplingParams
 from mft_ray.errors import EngineError, ScoringNotSupported
@@ -41,13 +43,6 @@ _RETRY_4XX = (408, 429)
 
 class _Aborted(Exception):
     """Another request of the same batch failed for good; this one stops retrying."""
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # urllib would turn a redirected POST into a GET without a body, and could carry the
-    # Authorization header to another host: a redirect is reported as an error instead.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
-        return None
 
 
 def _loopback(host: str | None) -> bool:
@@ -112,13 +107,17 @@ class OpenAIEngine(Engine):
         self.max_backoff_s = max_backoff_s
         self.max_concurrency = max_concurrency
         self._key = os.environ.get(api_key_env) or None  # private: never formatted into text
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._key is not None:
-            self._headers["Authorization"] = f"Bearer {self._key}"
-            if parts.scheme == "http" and not _loopback(parts.hostname):
-                logger.warning("OpenAI engine: sending the API key from $%s over plain http to %s",
-                               api_key_env, parts.hostname)
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        if self._key is not None and parts.scheme == "http" and not _loopback(parts.hostname):
+            logger.warning("OpenAI engine: sending the API key from $%s over plain http to %s",
+                           api_key_env, parts.hostname)
+        # Without a key no Authorization header is sent at all (local servers need none); the client
+        # insists on a key, so it gets a placeholder that each request then omits.
+        self._extra_headers = None if self._key is not None else {"Authorization": openai.omit}
+        # Redirects are not followed: a redirected POST could lose its body or carry the key elsewhere.
+        self._client = openai.OpenAI(
+            api_key=self._key or "unused", base_url=base_url.rstrip("/"), timeout=timeout_s, max_retries=0,
+            http_client=httpx.Client(follow_redirects=False, timeout=timeout_s,
+                                     limits=httpx.Limits(max_connections=max_concurrency)))
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="openai-engine")
         self._rng = random.Random()  # jitter only; not the sampling seed
         self._usage_lock = threading.Lock()
@@ -162,12 +161,13 @@ class OpenAIEngine(Engine):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
 
     # -- one request --------------------------------------------------------------------------------
 
     def _complete(self, conversation: Conversation, sampling: SamplingParams, seed: int,
                   abort: threading.Event) -> str:
-        body = {
+        request = {
             "model": self.model_path,
             # Only role and content: finetuning examples carry extra keys ("weight") servers reject.
             "messages": [{"role": m["role"], "content": m["content"]} for m in conversation],
@@ -177,56 +177,51 @@ class OpenAIEngine(Engine):
             "seed": seed,
             "n": 1,
         }
-        reply = self._post(json.dumps(body).encode(), abort)
+        reply = self._create(request, abort)
         try:
-            choice = reply["choices"][0]
-            content = choice["message"].get("content")
-        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            choice = reply.choices[0]
+            content = choice.message.content
+        except (IndexError, TypeError, AttributeError) as exc:
             raise EngineError(f"POST {self.public_url}: unexpected response shape "
-                              f"{self._redact(json.dumps(reply)[:_SERVER_MESSAGE_CHARS])}") from exc
+                              f"{self._redact(str(reply)[:_SERVER_MESSAGE_CHARS])}") from exc
         if content is None:
             # A refusal or a content filter: an empty reply parses as "no answer", which the vote handles.
-            logger.warning("OpenAI engine: empty content (finish_reason=%s)", choice.get("finish_reason"))
+            logger.warning("OpenAI engine: empty content (finish_reason=%s)", choice.finish_reason)
             content = ""
-        usage = reply.get("usage") or {}
+        usage = reply.usage
         with self._usage_lock:
             self.usage["requests"] += 1
-            self.usage["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
-            self.usage["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+            self.usage["prompt_tokens"] += int(getattr(usage, "prompt_tokens", 0) or 0)
+            self.usage["completion_tokens"] += int(getattr(usage, "completion_tokens", 0) or 0)
         return content
 
-    def _post(self, data: bytes, abort: threading.Event) -> dict[str, Any]:
-        """POST ``data`` with retries; the parsed JSON reply, or ``EngineError``."""
+    def _create(self, request: dict[str, Any], abort: threading.Event) -> Any:
+        """One chat completion with retries: the client's reply object, or ``EngineError``."""
         attempts = self.max_retries + 1
         last = "no attempt made"
         for attempt in range(attempts):
             if abort.is_set():
                 raise _Aborted
             retry_after: float | None = None
-            request = urllib.request.Request(self.url, data=data, headers=self._headers, method="POST")
             try:
-                with self._opener.open(request, timeout=self.timeout_s) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as exc:
-                message = self._server_message(exc)
-                if exc.code not in _RETRY_4XX and exc.code < 500:
-                    raise EngineError(self._client_error(exc.code, exc.reason, message)) from None
-                last = f"HTTP {exc.code} {exc.reason}: {message}"
-                retry_after = _retry_after(exc.headers)
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                # URLError wraps refused connections and DNS failures; TimeoutError, ConnectionError and
-                # http.client errors (e.g. RemoteDisconnected) surface bare from connect or read.
-                reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-                if isinstance(reason, TimeoutError):
-                    last = f"timed out after {self.timeout_s:g}s"
-                else:
-                    last = self._redact(f"{type(reason).__name__}: {reason}")
-            else:
-                try:
-                    return json.loads(raw)
-                except ValueError:
-                    raise EngineError(f"POST {self.public_url}: response is not JSON: "
-                                      f"{self._redact(raw[:200].decode(errors='replace'))!r}") from None
+                return self._client.chat.completions.create(**request, extra_headers=self._extra_headers)
+            except openai.APIStatusError as exc:
+                code = exc.status_code
+                message = self._server_message(exc.response)
+                reason = exc.response.reason_phrase
+                if code not in _RETRY_4XX and code < 500:
+                    raise EngineError(self._client_error(code, reason, message)) from None
+                last = f"HTTP {code} {reason}: {message}"
+                retry_after = _retry_after(exc.response.headers)
+            except openai.APITimeoutError:
+                last = f"timed out after {self.timeout_s:g}s"
+            except openai.APIConnectionError as exc:
+                # The transport's own error (a refused connection, a dropped one) says more than the client's.
+                cause = exc.__cause__ or exc
+                last = self._redact(f"{type(cause).__name__}: {cause}")
+            except openai.APIResponseValidationError as exc:
+                raise EngineError(f"POST {self.public_url}: unexpected response: "
+                                  f"{self._redact(str(exc)[:_SERVER_MESSAGE_CHARS])}") from None
             if attempt + 1 == attempts:
                 break
             delay = self._delay(attempt, retry_after)
@@ -243,15 +238,12 @@ class OpenAIEngine(Engine):
         # Jitter spreads the retries of many concurrent requests that failed together.
         return base * (0.5 + 0.5 * self._rng.random())
 
-    def _server_message(self, exc: urllib.error.HTTPError) -> str:
+    def _server_message(self, response: httpx.Response) -> str:
         """The server's error text: OpenAI's ``{"error": {"message": ...}}`` or the body's start."""
         try:
-            raw = exc.read()
-        except (OSError, http.client.HTTPException):
+            text = response.text
+        except (httpx.HTTPError, UnicodeDecodeError):
             return "(no body)"
-        finally:
-            exc.close()
-        text = raw.decode(errors="replace")
         try:
             payload = json.loads(text)
             err = payload.get("error", payload) if isinstance(payload, dict) else payload

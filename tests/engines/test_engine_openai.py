@@ -175,6 +175,19 @@ def test_400_fails_at_once_with_the_server_message(server) -> None:
     assert len(server.requests) <= 2
 
 
+def test_a_redirect_is_not_followed(server, monkeypatch) -> None:
+    # Followed, a redirected POST could lose its body or carry the key to another host.
+    monkeypatch.setenv("MFT_TEST_OPENAI_KEY", KEY)
+    server.faults.append(Fault(status=307, message="moved", headers={"Location": "http://127.0.0.2:9/v1/x"}))
+    engine = engine_for(server.base_url, api_key_env="MFT_TEST_OPENAI_KEY")
+    try:
+        with pytest.raises(EngineError, match=r"HTTP 307.*redirects are not followed") as err:
+            engine.generate(CONVERSATIONS[:1], GREEDY)
+    finally:
+        engine.close()
+    assert len(server.requests) == 1 and KEY not in str(err.value)
+
+
 def test_retries_exhausted_names_url_and_last_error(server) -> None:
     server.faults.extend([Fault(status=500, message="boom")] * 3)
     engine = engine_for(server.base_url, max_retries=2)
