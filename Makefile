@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both build .venv from scratch when it is missing.
+# Two entry points: `make demo` and `make test` (and `make study`, hours long). All build .venv from scratch when it is missing.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # DeepSpeed's CPU comm op is compiled once at setup (about 30 s) and cached here.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo study test bench clean
 
 setup: $(STAMP)
 
@@ -37,8 +37,18 @@ endif
 	  g().device_name() == 'cpu' and g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
+# The CPU testbed: Multiagent FT next to Majority FT and Majority at the debate's sample budget, each scored as
+# the paper scores it; runs/demo/results.json and runs/demo/study.md.
 demo: $(STAMP)
-	$(BIN)/python -m jobs.iterate --config jobs/configs/demo_cpu.yaml
+	$(BIN)/python -m jobs.study --config jobs/configs/demo_cpu.yaml --methods multiagent_ft,majority_ft,majority_matched
+
+# The real-model study (issue 19): SmolLM2-135M-Instruct on vLLM, 500 + 500 problems, 3 agents x 2 rounds, 3
+# iterations: Multiagent FT, Majority FT, STaR, Single-agent FT and Majority at N x M samples (Base, Majority and
+# Debate come from the Multiagent FT run's iteration 0). Hours on a CPU (every run resumes: it may be run in parts).
+study: $(STAMP)
+	$(BIN)/python -m jobs.study --config jobs/configs/smollm2_cpu.yaml --root runs/study_smollm2 \
+	  --methods multiagent_ft,majority_ft,star,single_agent_ft,majority_matched \
+	  task.finetune_size=500 task.eval_size=500 finetune.iterations=3
 
 # Two workers, a test file each at a time: most integration tests keep one core busy (an agent actor
 # decoding on one thread, a process starting) while the other waits.

@@ -17,7 +17,14 @@ from mft_ray.config import ModelConfig
 from mft_ray.engines import Conversation, Engine, SamplingParams, make_engine
 from mft_ray.errors import EngineError
 from mft_ray.models.builtin import resolve_model_path
-from mft_ray.society.debate import TurnBatch, concatenated_contexts, critic_messages, round1_messages, summary_messages
+from mft_ray.society.debate import (
+    Orders,
+    TurnBatch,
+    concatenated_contexts,
+    critic_messages,
+    round1_messages,
+    summary_messages,
+)
 from mft_ray.society.prompts import PromptSet
 
 logger = logging.getLogger(__name__)
@@ -98,23 +105,26 @@ class AgentActor:
         return _unpack(self._run(per, sampling))
 
     def summarize(self, questions: list[str], agents: list[int], sampling: SamplingParams,
-                  *previous: TurnBatch) -> Any:
-        """s[m,n] for each n in ``agents``, from the round m-1 TurnBatches of all N agents."""
-        per = [summary_messages(questions, previous, n, self.prompts) for n in agents]
+                  orders: list[Orders], *previous: TurnBatch) -> Any:
+        """s[m,n] for each n in ``agents``, from the round m-1 TurnBatches of all N agents.
+
+        ``orders[k]`` is the order agent ``agents[k]`` sees the others in, per problem (None: agent order).
+        """
+        per = [summary_messages(questions, previous, n, self.prompts, order) for n, order in zip(agents, orders)]
         return _unpack(self._run(per, sampling))
 
     def critique(self, questions: list[str], agents: list[int], sampling: SamplingParams,
-                 summarized: bool, *refs: TurnBatch) -> Any:
+                 summarized: bool, orders: list[Orders], *refs: TurnBatch) -> Any:
         """Round m > 1 for critics ``agents``.
 
         ``refs`` holds the N round m-1 TurnBatches, then (if ``summarized``) one summary TurnBatch per
-        entry of ``agents``.
+        entry of ``agents``; ``orders`` as in ``summarize`` (used when the others are concatenated).
         """
         n_agents = len(refs) - (len(agents) if summarized else 0)
         previous, summaries = refs[:n_agents], refs[n_agents:]
         per = []
         for k, n in enumerate(agents):
             contexts = (summaries[k].responses if summarized
-                        else concatenated_contexts(questions, previous, n, self.prompts))
+                        else concatenated_contexts(questions, previous, n, self.prompts, orders[k]))
             per.append(critic_messages(previous[n], contexts, self.prompts, summarized, n))
         return _unpack(self._run(per, sampling))

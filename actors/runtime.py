@@ -7,6 +7,7 @@ stages stay free of Ray and a test can hand them a fake runtime instead.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from typing import Any, Mapping, Sequence
@@ -42,7 +43,9 @@ class RayHeldoutScorer:
         self.deadline = time.monotonic() + self.timeout_s  # placement and loading share one time limit
         try:
             # No restarts: a scorer that crashed (e.g. out of memory) would crash again; the metric is skipped.
-            self.group = SocietyGroup(config, {HELDOUT: path}, name="heldout-scorer", members=[HELDOUT],
+            # Named by its model: an evaluation may hold two at once (critic NLL and base NLL).
+            name = f"heldout-scorer-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+            self.group = SocietyGroup(config, {HELDOUT: path}, name=name, members=[HELDOUT],
                                       model=model, wait=False, max_restarts=0)
         except PlacementError as exc:
             raise EngineError(f"held-out NLL skipped: the scoring actor cannot be placed: {exc}") from exc

@@ -120,7 +120,7 @@ class DebateService:
     async def _debate(self, stream: EventStream, question: str, seed: int) -> None:
         key = question_key(question, seed)
         try:
-            refs = submit_rounds(self.config, self.routes, self.iteration, SPLIT, key, [question])
+            refs = submit_rounds(self.config, self.routes, self.iteration, SPLIT, key, [(str(key), question)])
             finals: list[str | None] = []
             for turn, per_agent in refs.items():  # rounds in the order they run
 

@@ -1,11 +1,18 @@
-"""Debate throughput: the authors' sequential loop vs the Ray coordinator vs the raw engine.
+"""Debate throughput on the built-in real model: the authors' sequential loop vs the Ray coordinator vs
+the raw engine, for the HF and vLLM engines.
 
-    python benchmarks/debate_throughput.py [--problems 200] [--max-new-tokens 64]
+    python benchmarks/debate_throughput.py [--problems 200] [--sequential-problems 20] [--max-new-tokens 32]
 
-(a) sequential: problem -> round -> agent, batch-1 generation (the authors' code structure), in-process;
-(b) coordinator: the same 3-agent, 2-round debate through Ray actors (shared engine, shards pipelined);
-(c) raw engine: the conversations (b) sent, regenerated in large batches in-process.
-All three use the same tiny HF model on CPU and the same prompts and sampling settings. The last line
+- sequential: problem -> round -> agent, batch-1 HF generation (the authors' code structure), in-process.
+  It is linear in the problems by construction: timed on ``--sequential-problems`` and scaled to
+  ``--problems`` (the JSON says so).
+- coordinator (per engine): the same 3-agent, 2-round debate through Ray actors (one shared engine given
+  every CPU, shards pipelined), society start-up included.
+- raw (per engine): the same debate in-process with no Ray, one batched engine call per turn kind (round 1;
+  then per later round all summaries, then all critiques), engine start-up included as in the coordinator.
+
+speedup = sequential_s / coordinator_s; efficiency = raw_s / coordinator_s. All runs share the model
+(SmolLM2-135M-Instruct), problems (arithmetic a+b, 0..50), prompts and sampling settings. The last line
 printed is one JSON object with the figures.
 """
 
@@ -48,13 +55,42 @@ def sequential(engine, problems, prompts, agents, rounds, sampling):
     return calls
 
 
+def raw_debate(engine, problems, prompts, agents, rounds, sampling) -> int:
+    """The debate in-process, all problems at once: one generate call per turn kind and round."""
+    from mft_ray.society.debate import TurnBatch, critic_messages, round1_messages, summary_messages
+
+    questions = [p.question for p in problems]
+    k = len(questions)
+    calls = [0]
+
+    def batched(per_agent):  # one call for every agent's conversations, split back per agent
+        flat = [c for msgs in per_agent for c in msgs]
+        calls[0] += 1
+        replies = engine.generate(flat, sampling.derive("raw", calls[0]))
+        return [replies[n * k:(n + 1) * k] for n in range(agents)], len(flat)
+
+    msgs = [round1_messages(questions, prompts) for _ in range(agents)]
+    replies, sequences = batched(msgs)
+    prev = [TurnBatch(m, r) for m, r in zip(msgs, replies)]
+    for _ in range(2, rounds + 1):
+        summaries, n_s = batched([summary_messages(questions, prev, n, prompts) for n in range(agents)])
+        c_msgs = [critic_messages(prev[n], summaries[n], prompts, summarized=True) for n in range(agents)]
+        critiques, n_c = batched(c_msgs)
+        prev = [TurnBatch(m, r) for m, r in zip(c_msgs, critiques)]
+        sequences += n_s + n_c
+    return sequences
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=int, default=200)
+    ap.add_argument("--sequential-problems", type=int, default=20)
     ap.add_argument("--agents", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=100)
+    ap.add_argument("--engines", default="vllm", help="comma-separated: vllm, hf (the HF engine's coordinator "
+                    "and raw runs are slow on CPU: ~20 min each at 200 problems on 2 cores)")
     args = ap.parse_args()
 
     import ray
@@ -63,57 +99,72 @@ def main() -> None:
     from actors.runtime import RayRuntime
     from mft_ray.config import load_config
     from mft_ray.engines import SamplingParams, make_engine
-    from mft_ray.models.tiny import build_tiny_llama
-    from mft_ray.run.records import read_records
+    from mft_ray.models.builtin import resolve_model_path
     from mft_ray.society.prompts import PromptSet
     from mft_ray.tasks import make_splits, make_task
 
     work = Path(tempfile.mkdtemp(prefix="mft-bench-"))
-    model = str(build_tiny_llama(work / "model"))
+    model = resolve_model_path("builtin:smollm2-135m-instruct")
     cpus = os.cpu_count() or 2
-    config = load_config(None, [
-        f"run_dir={work / 'run'}", f"model.path={model}", "task.name=arithmetic",
-        f"task.finetune_size={args.problems}", "task.eval_size=0", f"debate.agents={args.agents}",
-        f"debate.rounds={args.rounds}", f"debate.shard_size={args.shard_size}",
-        f"sampling.max_new_tokens={args.max_new_tokens}", "resources.share_engine=true",
-        f"resources.num_cpus_per_agent={cpus}", "model.max_batch_size=512", "model.static_cache=true",
-    ])
-    task = make_task(config.task)
-    problems = make_splits(task, config.task).finetune
-    prompts = PromptSet(task.answer_instruction)
-    sampling = SamplingParams.from_config(config.sampling)
-    engine = make_engine(config.model)
     torch.set_num_threads(cpus)
 
-    # (b) the coordinator, society start-up included.
+    def config_for(engine: str):
+        return load_config(None, [
+            f"run_dir={work / engine}", f"model.path={model}", f"model.engine={engine}", "task.name=arithmetic",
+            "task.form=a+b", "task.max_int=50", f"task.finetune_size={args.problems}", "task.eval_size=0",
+            f"debate.agents={args.agents}", f"debate.rounds={args.rounds}", f"debate.shard_size={args.shard_size}",
+            f"sampling.max_new_tokens={args.max_new_tokens}", "resources.share_engine=true",
+            f"resources.num_cpus_per_agent={cpus}", "model.max_batch_size=64", "model.max_model_len=2048",
+            "model.kv_cache_gb=1",
+        ])
+
+    result: dict = {"benchmark": "debate_throughput", "model": "SmolLM2-135M-Instruct (builtin, fp32)",
+                    "problems": args.problems, "agents": args.agents, "rounds": args.rounds,
+                    "max_new_tokens": args.max_new_tokens, "engines": {}}
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    t = time.perf_counter()
-    RayRuntime().debate(config, 0, "finetune", problems, str(work / "debate"))
-    coordinator_s = time.perf_counter() - t
+    for name in args.engines.split(","):
+        config = config_for(name)
+        task = make_task(config.task)
+        problems = make_splits(task, config.task).finetune
+        prompts = PromptSet(task.answer_instruction)
+        sampling = SamplingParams.from_config(config.sampling)
+
+        t = time.perf_counter()
+        RayRuntime().debate(config, 0, "finetune", problems, str(work / name / "debate"))
+        coordinator_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        engine = make_engine(config.model)
+        load_s = time.perf_counter() - t
+        sequences = raw_debate(engine, problems, prompts, args.agents, args.rounds, sampling)
+        raw_s = time.perf_counter() - t
+
+        if name != "hf":
+            engine.close()
+        if "sequential_s" not in result:  # (a) the authors' loop: batch-1 HF generate on a subset, scaled
+            hf = engine if name == "hf" else make_engine(config_for("hf").model)
+            subset = problems[:args.sequential_problems]
+            t = time.perf_counter()
+            calls = sequential(hf, subset, prompts, args.agents, args.rounds, sampling)
+            result["sequential_timed_problems"] = len(subset)
+            result["sequential_timed_s"] = round(time.perf_counter() - t, 2)
+            result["sequential_s"] = round(result["sequential_timed_s"] * len(problems) / len(subset), 2)
+            result["sequential_calls_timed"] = calls
+            result["sequential_note"] = (f"timed on the first {len(subset)} problems and scaled to {len(problems)} "
+                                         "(the loop is linear in the problems)")
+            if hf is not engine:
+                hf.close()
+        if name == "hf":
+            engine.close()
+        result["sequences"] = sequences
+        result["engines"][name] = {"coordinator_s": round(coordinator_s, 2), "raw_s": round(raw_s, 2),
+                                   "raw_load_s": round(load_s, 2)}
     ray.shutdown()
-    table = read_records(work / "debate")
-    conversations = table.column("messages").to_pylist()
-
-    # (c) the raw engine on the same conversations, in large batches.
-    t = time.perf_counter()
-    engine.generate(conversations, sampling)
-    raw_engine_s = time.perf_counter() - t
-
-    # (a) the authors' sequential loop, batch 1.
-    t = time.perf_counter()
-    calls = sequential(engine, problems, prompts, args.agents, args.rounds, sampling)
-    sequential_s = time.perf_counter() - t
-
-    result = {
-        "benchmark": "debate_throughput", "problems": len(problems), "agents": args.agents,
-        "rounds": args.rounds, "max_new_tokens": args.max_new_tokens, "sequences": len(conversations),
-        "sequential_calls": calls, "sequential_s": round(sequential_s, 2),
-        "coordinator_s": round(coordinator_s, 2), "raw_engine_s": round(raw_engine_s, 2),
-        "speedup": round(sequential_s / coordinator_s, 2),
-        "engine_efficiency": round(raw_engine_s / coordinator_s, 3),
-        "machine": f"{platform.machine()} {cpus} CPUs, torch {torch.__version__}, no GPU",
-        "model": "tiny random Llama (2 layers, hidden 64, character tokenizer)",
-    }
+    for figures in result["engines"].values():
+        if "sequential_s" in result:
+            figures["speedup"] = round(result["sequential_s"] / figures["coordinator_s"], 2)
+        figures["efficiency"] = round(figures["raw_s"] / figures["coordinator_s"], 3)
+    result["machine"] = f"{platform.machine()} {cpus} CPUs, torch {torch.__version__}, no GPU"
     print(json.dumps(result))
 
 

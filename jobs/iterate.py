@@ -87,7 +87,8 @@ def main(config: Config, runtime: stages.Runtime | None = None) -> dict[str, Any
             rationalizations = stages.rationalize(runtime, collect, run, task, it, splits.finetune, labels, before)
         logger.info("[iteration %d/%d] building the finetuning sets (%s)", it, L, method.rule)
         counts = stages.build_datasets(collect, run, task, it, labels, rationalizations)
-        finetunes = stages.finetune_society(runtime, config, run, it)
+        # The society that debated the data is the one trained (its shape; the evaluation may ask fewer agents).
+        finetunes = stages.finetune_society(runtime, collect, run, it)
         logger.info("[iteration %d/%d] society %d debates the evaluation split", it, L, it)
         metrics = stages.evaluate_society(runtime, config, run, task, splits.eval, it,
                                           stages.society_paths(config, run, it))

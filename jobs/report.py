@@ -86,11 +86,12 @@ def render(runs: list[Run], figures: dict[str, Path | None]) -> str:
         "## Figure 1: accuracy per finetuning iteration\n\n"
         + figure(FIGURE1, "accuracy per iteration", "No finetuned run on its own task given."),
         "## Figure 3: diversity per finetuning iteration\n\n"
-        "Diversity = 1 - consensus (share of final answers that agree with the majority); answer KL = mean "
-        "pairwise symmetric KL between the agents' smoothed answer distributions over rounds; embedding "
+        "Diversity = 1 - consensus (share of final answers that agree with the majority); answer-frequency KL = "
+        "mean pairwise symmetric KL between the agents' smoothed answer frequencies over rounds; embedding "
         "dissimilarity = mean pairwise 1 - cosine of the final responses' sentence embeddings "
-        "(all-MiniLM-L6-v2); held-out NLL = mean per-token NLL of the final responses under the base model "
-        "(definitions in `mft_ray/metrics/diversity.py`).\n\n"
+        "(all-MiniLM-L6-v2); critic NLL = mean per-token NLL of critics 1..N-1's final responses under "
+        "critic 0's model (the paper's held-out critic); base NLL = the same for every final response under "
+        "the base model (definitions in `mft_ray/metrics/diversity.py`).\n\n"
         + figure(FIGURE3, "diversity per iteration", "No run with diversity figures given."),
         "## Figure 4: accuracy against diversity\n\n"
         + figure(FIGURE4, "accuracy against diversity", "No run with diversity figures given."),

@@ -160,6 +160,9 @@ class DebateConfig:
     agents: int = 3  # N generators and N critics
     rounds: int = 2  # M
     summarize: bool = True  # False = the "w/o summary" ablation: concatenate the other answers
+    # Show each agent the other agents' responses in an order shuffled per (seed, problem, round, agent), as the
+    # authors' code does; False = always in agent order (then the last agent listed sways critics most).
+    shuffle_others: bool = True
     shard_size: int = 64  # problems per shard; one shard = one batched call per agent per round
     shards_in_flight: int = 2  # shards whose rounds are pipelined through the agents at once
 
@@ -229,6 +232,10 @@ class FinetuneConfig:
     iterations: int = 2  # L
     critic_mix_w: float = 0.5  # w: share of D^C- (corrected) in each critic's set
     init_from: str = "previous"  # previous: iteration l starts from l-1's weights; base: from the base model
+    # The pooled single-model methods: "member" = as many examples (so optimizer steps) per iteration as one
+    # society generator gets on average, drawn from the pooled set; "pooled" = the whole pooled set (~2N
+    # times more steps at the same learning rate and epochs, the comparison the paper's numbers may make).
+    single_agent_budget: str = "member"
     generator: RoleTrainConfig = field(default_factory=RoleTrainConfig)
     critic: RoleTrainConfig = field(default_factory=_critic_defaults)
     later_learning_rate: float | None = 5e-7  # both roles from iteration 2 on (paper); null = keep
@@ -253,6 +260,8 @@ class FinetuneConfig:
         _check(0 <= self.critic_mix_w <= 1, f"{prefix}.critic_mix_w must lie in [0, 1], got {self.critic_mix_w}")
         _check(self.init_from in ("previous", "base"),
                f"{prefix}.init_from must be one of ['previous', 'base'], got {self.init_from!r}")
+        _check(self.single_agent_budget in ("member", "pooled"),
+               f"{prefix}.single_agent_budget must be one of ['member', 'pooled'], got {self.single_agent_budget!r}")
         self.generator.validate(f"{prefix}.generator")
         self.critic.validate(f"{prefix}.critic")
         if self.later_learning_rate is not None:
@@ -272,8 +281,8 @@ class FinetuneConfig:
 class MetricsConfig:
     """Diversity metrics computed at every evaluation (the paper's Section 4.2; definitions in ``mft_ray.metrics.diversity``).
 
-    Consensus and the answer KL divergence cost nothing; the embedding dissimilarity encodes final
-    responses with an offline sentence encoder in the driver, and the held-out NLL scores final responses
+    Consensus and the answer-frequency KL cost nothing; the embedding dissimilarity encodes final
+    responses with an offline sentence encoder in the driver, and the critic and base NLL score final responses
     with one extra agent actor, so both are bounded to the first ``*_problems`` evaluation problems.
     """
 

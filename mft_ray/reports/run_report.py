@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mft_ray.reports.tables import DIVERSITY_METRICS, fmt, method_title
+from mft_ray.reports.tables import DIVERSITY_METRICS, evaluation_of, fmt, method_title, metric
 from mft_ray.run.files import atomic_path, write_text_atomic
 from mft_ray.run.rundir import RunDir
 
@@ -29,8 +29,9 @@ def _examples(datasets: dict[str, Any] | None) -> tuple[int, int] | int | None:
     if not datasets:
         return None
     agents = [v for k, v in datasets.items() if k.startswith("agent_")]
-    if not agents and isinstance(datasets.get("trained"), dict):
-        return sum(datasets["trained"].values())
+    trained = datasets.get("trained")
+    if isinstance(trained, dict) and (not agents or "pooled" in datasets):
+        return sum(trained.values())  # one model: what it trained on (the pooled set may have been cut)
     return sum(a["generator"] for a in agents), sum(a["critic"] for a in agents)
 
 
@@ -42,20 +43,24 @@ def result_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     first = iterations[0]
     n = summary.get("agents", "N")
     title = method_title(summary.get("method") or "multiagent_ft", summary)
-    rows = [
-        {"method": "Base (one sample)", "iteration": 0, "accuracy": first["base_accuracy"],
-         "stderr": first["base_stderr"], "consensus": None, "examples": None},
-        {"method": f"Majority ({n} samples)", "iteration": 0, "accuracy": first["majority_accuracy"],
-         "stderr": first["majority_stderr"], "consensus": None, "examples": None},
-    ]
+    evaluation = evaluation_of(summary)
+    # Iteration 0 is the untrained society scored as this method is scored: a debate, a vote over N samples
+    # (its round 1 is then the Majority row itself) or one sample.
+    rows = [{"method": "Base (one sample)", "iteration": 0, "accuracy": first["base_accuracy"],
+             "stderr": first["base_stderr"], "consensus": None, "examples": None}]
+    if evaluation == "debate":
+        rows.append({"method": f"Majority ({n} samples)", "iteration": 0, "accuracy": first["majority_accuracy"],
+                     "stderr": first["majority_stderr"], "consensus": None, "examples": None})
+    zero_title = {"debate": "Debate (iteration 0)", "samples": f"Majority ({n} samples, iteration 0)",
+                  "single": "Base (iteration 0)"}[evaluation]
     for entry in iterations:
         it = entry["iteration"]
-        rows.append({"method": "Debate (iteration 0)" if it == 0 else f"{title} (iteration {it})",
+        rows.append({"method": zero_title if it == 0 else f"{title} (iteration {it})",
                      "iteration": it, "accuracy": entry["accuracy"], "stderr": entry["stderr"],
                      "consensus": entry["consensus"], "examples": _examples(entry.get("datasets"))})
-    debate = rows[2]
+    debate = next(r for r in rows if r["iteration"] == 0 and r["consensus"] is not None)
     for row in rows:
-        # How far each row is from Debate, in standard errors of the difference of two accuracies.
+        # How far each row is from the untrained society, in standard errors of the difference of two accuracies.
         se = math.hypot(row["stderr"], debate["stderr"])
         row["vs_debate_se"] = (row["accuracy"] - debate["accuracy"]) / se if se > 0 else 0.0
     return rows
@@ -69,14 +74,14 @@ def markdown_table(summary: dict[str, Any]) -> str:
         f"Task {summary.get('task', '?')}: {summary.get('agents', '?')} agents, {summary.get('rounds', '?')} "
         f"rounds, {problems} evaluation problems.",
         "",
-        "| Method | Accuracy ± SE | vs Debate (SE) | Consensus | Finetuning examples (generators / critics) |",
+        "| Method | Accuracy ± SE | vs iteration 0 (SE) | Consensus | Finetuning examples (generators / critics) |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         cons = "–" if r["consensus"] is None else f"{r['consensus']:.3f}"
         ex = ("–" if r["examples"] is None else f"{r['examples']} (one model)" if isinstance(r["examples"], int)
               else f"{r['examples'][0]} / {r['examples'][1]}")
-        vs = "–" if r["method"].startswith("Debate") else f"{r['vs_debate_se']:+.1f}"
+        vs = "–" if r["iteration"] == 0 and r["consensus"] is not None else f"{r['vs_debate_se']:+.1f}"
         lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f} | {vs} | {cons} | {ex} |")
     return "\n".join(lines) + "\n"
 
@@ -88,7 +93,7 @@ def diversity_table(summary: dict[str, Any]) -> str:
              "|---|---|" + "---|" * len(DIVERSITY_METRICS)]
     for e in sorted(summary["iterations"], key=lambda e: e["iteration"]):
         lines.append(f"| {e['iteration']} | {fmt(e.get('consensus'))} | "
-                     + " | ".join(fmt(e.get(key)) for key, _ in DIVERSITY_METRICS) + " |")
+                     + " | ".join(fmt(metric(e, key)) for key, _ in DIVERSITY_METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,11 +106,11 @@ def plot_accuracy(summary: dict[str, Any], path: str | Path) -> Path:
 
     rows = result_rows(summary)
     title = method_title(summary.get("method") or "multiagent_ft", summary)
-    society = [r for r in rows if r["iteration"] > 0 or r["method"].startswith("Debate")]
+    society = [r for r in rows if r["iteration"] > 0 or r["consensus"] is not None]
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     ax.errorbar([r["iteration"] for r in society], [100 * r["accuracy"] for r in society],
                 yerr=[100 * r["stderr"] for r in society], marker="o", capsize=4, label=f"{title} (society)")
-    for r, style in zip(rows[:2], ("--", ":")):
+    for r, style in zip([r for r in rows if r["consensus"] is None], ("--", ":")):
         ax.axhline(100 * r["accuracy"], linestyle=style, color="gray", label=r["method"])
     ax.set_xlabel("finetuning iteration (0 = Debate, untrained)")
     ax.set_ylabel("accuracy on the evaluation split (%)")

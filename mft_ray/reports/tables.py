@@ -22,16 +22,32 @@ from typing import Any
 from mft_ray.methods.registry import METHODS
 
 DEFAULT_METHOD = "multiagent_ft"
-EVALUATION_ONLY = ("base", "majority", "debate")
+EVALUATION_ONLY = tuple(name for name, m in METHODS.items() if m.evaluation_only)
 TASK_TITLES = {"arithmetic": "Arithmetic", "gsm8k": "GSM8K", "math": "MATH", "mmlu": "MMLU"}
 # Row order of Table 1: baselines first, the paper's method last (as in the paper).
-METHOD_ORDER = ("base", "majority", "debate", "star", "majority_ft", "single_agent_ft_no_debate",
+METHOD_ORDER = ("base", "majority", "majority_matched", "debate", "star", "majority_ft", "single_agent_ft_no_debate",
                 "single_agent_ft", "single_agent_ft_unique_id", "single_agent_ft_high_temp", "cooperative_ft",
                 "unique_id_ft", "multiagent_ft_no_summary", "multiagent_ft_no_critic", "multiagent_ft")
 # Diversity figures of an iteration entry: (key, label).
-DIVERSITY_METRICS = (("diversity", "Diversity (1 - consensus)"), ("answer_kl", "Answer KL (nats)"),
+DIVERSITY_METRICS = (("diversity", "Diversity (1 - consensus)"), ("answer_freq_kl", "Answer-frequency KL (nats)"),
                      ("embedding_dissimilarity", "Embedding dissimilarity (1 - cos)"),
-                     ("heldout_nll", "Held-out NLL (nats/token)"))
+                     ("critic_nll", "Critic NLL under critic 0 (nats/token)"),
+                     ("base_nll", "NLL under the base model (nats/token)"))
+
+
+# Keys of metrics.json entries written before the metrics were renamed (read as the new ones).
+_OLD_KEYS = {"answer_freq_kl": "answer_kl", "base_nll": "heldout_nll"}
+
+
+def metric(entry: dict[str, Any], key: str) -> Any:
+    """``entry[key]``, or the same figure under its older name; None if absent."""
+    value = entry.get(key)
+    return entry.get(_OLD_KEYS[key]) if value is None and key in _OLD_KEYS else value
+
+
+def evaluation_of(summary: dict[str, Any]) -> str:
+    """How a run's societies were scored: "debate", "samples" or "single" (runs before the field: debate)."""
+    return str((summary.get("method_info") or {}).get("evaluation") or "debate")
 
 
 def method_title(name: str, summary: dict[str, Any] | None = None) -> str:
@@ -116,8 +132,9 @@ def _method_rank(name: str) -> tuple[int, str]:
 
 def _baseline_source(runs: list[Run], task: str) -> Run | None:
     """The run whose iteration 0 gives a dataset's derived Base / Majority / Debate figures."""
+    # Only a run scored by the debate has Debate at iteration 0 (and N round-1 samples for Majority).
     candidates = [r for r in runs if r.task == task and not r.transfer and r.iteration(0) is not None
-                  and not r.evaluation_only]
+                  and not r.evaluation_only and evaluation_of(r.summary) == "debate"]
     preferred = [r for r in candidates if r.method == DEFAULT_METHOD]
     return (preferred or candidates or [None])[0]
 
@@ -227,10 +244,10 @@ def run_markdown(run: Run) -> str:
              "| Iteration | Accuracy ± SE | Consensus | " + " | ".join(label for _, label in DIVERSITY_METRICS) + " |",
              "|---|---|---|" + "---|" * len(DIVERSITY_METRICS)]
     for e in run.iterations:
-        values = " | ".join(fmt(e.get(key)) for key, _ in DIVERSITY_METRICS)
+        values = " | ".join(fmt(metric(e, key)) for key, _ in DIVERSITY_METRICS)
         lines.append(f"| {e['iteration']} | {pct(e['accuracy'], e['stderr'])} | {fmt(e.get('consensus'))} | {values} |")
     skipped = {k: v for e in run.iterations
                for k, v in ((e.get("diversity_details") or {}).get("skipped") or {}).items()}
-    for metric, why in sorted(skipped.items()):
-        lines.append(f"\n{metric} not computed: {why}")
+    for name, why in sorted(skipped.items()):
+        lines.append(f"\n{name} not computed: {why}")
     return "\n".join(lines) + "\n"

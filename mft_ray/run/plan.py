@@ -308,7 +308,7 @@ def resource_plan(config: Config, cluster: ClusterSpec | None = None) -> Resourc
                                      f"{model.gpu_memory_utilization:g} of {gpu_label}); raise it or "
                                      "resources.num_gpus_per_agent")
     if config.metrics.nll_problems > 0:
-        plan.notes.append("each evaluation also loads one engine alone for the held-out NLL "
+        plan.notes.append("each evaluation also loads up to two engines alone for the critic and base NLL "
                           "(metrics.nll_problems > 0), once the society is released")
     if units == 0:
         return plan

@@ -39,6 +39,9 @@ SCHEMA = pa.schema([
     ("majority", pa.string()),  # majority answer of the final round; null if nobody parsed
     ("tie", pa.bool_()),
     ("consensus", pa.float32()),
+    # Rounds m > 1: the other agents in the order this agent was shown their round m-1 responses (the
+    # summary for agent n, and its critique, list them alike); null in round 1.
+    ("others_order", pa.list_(pa.int32())),
 ])
 
 
@@ -71,19 +74,30 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=SCHEMA)
 
 
+def debate_settings(agents: int, rounds: int, summarize: bool, shuffle_others: bool) -> dict[str, Any]:
+    """What a debate's records depend on besides its problems: kept in each shard, checked on resume."""
+    return {"agents": agents, "rounds": rounds, "summarize": summarize, "shuffle_others": shuffle_others}
+
+
 def write_shard(directory: str | os.PathLike, index: int, rows: Sequence[dict[str, Any]],
-                problem_ids: Sequence[str]) -> Path:
-    """Write one shard atomically; its metadata names the problems and the expected row count."""
+                problem_ids: Sequence[str], settings: dict[str, Any] | None = None) -> Path:
+    """Write one shard atomically; its metadata names the problems, the row count and the debate ``settings``."""
     path = shard_path(directory, index)
-    write_table_atomic(rows_to_table(rows), path, {"problem_ids": list(problem_ids), "rows": len(rows)})
+    meta = {"problem_ids": list(problem_ids), "rows": len(rows)}
+    if settings is not None:
+        meta["debate"] = settings
+    write_table_atomic(rows_to_table(rows), path, meta)
     return path
 
 
-def shard_is_complete(directory: str | os.PathLike, index: int, problem_ids: Sequence[str]) -> bool:
-    """True if shard ``index`` exists, reads, and holds exactly ``problem_ids``.
+def shard_is_complete(directory: str | os.PathLike, index: int, problem_ids: Sequence[str],
+                      settings: dict[str, Any] | None = None) -> bool:
+    """True if shard ``index`` exists, reads, and holds exactly ``problem_ids`` (debated with ``settings``,
+    when given).
 
     A corrupt or truncated file is deleted (and logged) so the caller redoes it. A readable shard
-    for *other* problems means the run directory belongs to another configuration: refuse.
+    for *other* problems, or of a debate with other settings (or from before shards recorded them), means
+    the run directory belongs to another configuration or version: refuse.
     """
     path = shard_path(directory, index)
     if not path.exists():
@@ -105,6 +119,12 @@ def shard_is_complete(directory: str | os.PathLike, index: int, problem_ids: Seq
             f"{path} holds records for other problems than this run's shard {index}: the run directory "
             "was made with a different task, split or shard size; use a new run_dir"
         )
+    if settings is not None and meta.get("debate") != settings:
+        raise RecordsError(
+            f"{path} holds a debate with other settings ({meta.get('debate') or 'from an older version'}) than "
+            f"this run's {settings}: the run directory was made with another method, debate shape or version; "
+            "use a new run_dir"
+        )
     return True
 
 
@@ -118,4 +138,11 @@ def read_records(directory: str | os.PathLike) -> pa.Table:
     files = shard_files(directory)
     if not files:
         raise RecordsError(f"no debate records under {directory}")
-    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
+    return pa.concat_tables([_conform(pq.read_table(f)) for f in files])
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """``table`` in SCHEMA's columns and types; a column that records of an older version lack is null."""
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+               for f in SCHEMA]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)

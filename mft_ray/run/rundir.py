@@ -121,10 +121,11 @@ class RunDir:
 
     # -- stage markers: "is this stage done?" --------------------------------------------------------
 
-    def debate_complete(self, iteration: int, split: str, problem_ids: Sequence[str], shard_size: int) -> bool:
+    def debate_complete(self, iteration: int, split: str, problem_ids: Sequence[str], shard_size: int,
+                        settings: dict[str, Any] | None = None) -> bool:
         """Every shard of the debate of ``problem_ids`` is written whole (``records.shard_is_complete``)."""
         out = self.debate_dir(iteration, split)
-        return all(shard_is_complete(out, k, list(shard))
+        return all(shard_is_complete(out, k, list(shard), settings)
                    for k, shard in enumerate(split_shards(list(problem_ids), shard_size)))
 
     def read_datasets(self, iteration: int) -> dict[str, Any] | None:

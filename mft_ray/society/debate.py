@@ -9,9 +9,11 @@ and label the other agents' responses with theirs; the default style ignores the
 
 from __future__ import annotations
 
+import hashlib
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import total_ordering
-from typing import Sequence
 
 from mft_ray.engines.base import Conversation
 from mft_ray.society.members import CRITIC, GENERATOR, SUMMARIZER
@@ -66,40 +68,75 @@ def round1_messages(questions: Sequence[str], prompts: PromptSet, agent: int | N
     return [[{"role": "user", "content": prompts.question(q, agent)}] for q in questions]
 
 
-def others_of(previous: Sequence[TurnBatch], agent: int, i: int) -> list[str]:
-    """The previous-round responses to problem i of every agent except ``agent``."""
-    return [batch.responses[i] for n, batch in enumerate(previous) if n != agent]
+# For problem i, the other agents' indices in the order agent n sees their responses (None: agent order).
+Orders = Sequence[Sequence[int]] | None
 
 
-def other_names(previous: Sequence[TurnBatch], agent: int, i: int) -> list[str]:
-    """Unique IDs of the agents behind ``others_of(previous, agent, i)``, in the same order.
+def others_order(seed: int, problem_id: str, round_: int, agent: int, n_agents: int) -> list[int]:
+    """The agents other than ``agent``, shuffled, in the order ``agent`` sees them in round ``round_``.
+
+    The authors' code shuffles the other agents' responses before summarizing or concatenating them; in a
+    fixed order the response listed last sways the summary and the critics most. Seeded by (seed, problem,
+    round, agent), so that a rerun or a resumed shard shows the same order, and the summary for agent n
+    and agent n's critique list the others alike.
+    """
+    others = [k for k in range(n_agents) if k != agent]
+    blob = f"others:{seed}:{problem_id}:{round_}:{agent}".encode()
+    random.Random(int.from_bytes(hashlib.sha256(blob).digest()[:8], "little")).shuffle(others)
+    return others
+
+
+def _order(previous: Sequence[TurnBatch], agent: int, order: Sequence[int] | None) -> list[int]:
+    if order is None:
+        return [k for k in range(len(previous)) if k != agent]
+    if sorted(order) != [k for k in range(len(previous)) if k != agent]:
+        raise ValueError(f"an order of the agents other than {agent} among {len(previous)}, got {list(order)}")
+    return list(order)
+
+
+def others_of(previous: Sequence[TurnBatch], agent: int, i: int, order: Sequence[int] | None = None) -> list[str]:
+    """The previous-round responses to problem i of every agent except ``agent`` (in ``order`` if given)."""
+    return [previous[k].responses[i] for k in _order(previous, agent, order)]
+
+
+def other_names(previous: Sequence[TurnBatch], agent: int, i: int, order: Sequence[int] | None = None) -> list[str]:
+    """Unique IDs of the agents behind ``others_of(previous, agent, i, order)``, in the same order.
 
     A round-1 turn (a conversation of one prompt) came from a generator, GEN<n+1>; any later turn from
     a critic, CRIT<n+1>.
     """
-    return [agent_id("generator" if len(batch.messages[i]) == 1 else "critic", n)
-            for n, batch in enumerate(previous) if n != agent]
+    return [agent_id("generator" if len(previous[k].messages[i]) == 1 else "critic", k)
+            for k in _order(previous, agent, order)]
 
 
-def _names(prompts: PromptSet, previous: Sequence[TurnBatch], agent: int, i: int) -> list[str] | None:
-    return other_names(previous, agent, i) if prompts.style == "unique_id" else None
+def _names(prompts: PromptSet, previous: Sequence[TurnBatch], agent: int, i: int,
+           order: Sequence[int] | None) -> list[str] | None:
+    return other_names(previous, agent, i, order) if prompts.style == "unique_id" else None
 
 
 def summary_messages(questions: Sequence[str], previous: Sequence[TurnBatch], agent: int,
-                     prompts: PromptSet) -> list[Conversation]:
-    """Summarizer prompts for s[m,agent], built only from round m-1 responses of the other agents."""
+                     prompts: PromptSet, orders: Orders = None) -> list[Conversation]:
+    """Summarizer prompts for s[m,agent], built only from round m-1 responses of the other agents.
+
+    ``orders[i]`` lists the other agents for problem i in the order to show them (``others_order``).
+    """
     return [
-        [{"role": "user", "content": prompts.summary(q, others_of(previous, agent, i),
-                                                     _names(prompts, previous, agent, i))}]
+        [{"role": "user", "content": prompts.summary(q, others_of(previous, agent, i, _at(orders, i)),
+                                                     _names(prompts, previous, agent, i, _at(orders, i)))}]
         for i, q in enumerate(questions)
     ]
 
 
 def concatenated_contexts(questions: Sequence[str], previous: Sequence[TurnBatch], agent: int,
-                          prompts: PromptSet) -> list[str]:
+                          prompts: PromptSet, orders: Orders = None) -> list[str]:
     """The "w/o summary" context for ``agent``: the other round m-1 responses concatenated."""
-    return [prompts.concatenate(others_of(previous, agent, i), _names(prompts, previous, agent, i))
+    return [prompts.concatenate(others_of(previous, agent, i, _at(orders, i)),
+                                _names(prompts, previous, agent, i, _at(orders, i)))
             for i in range(len(questions))]
+
+
+def _at(orders: Orders, i: int) -> Sequence[int] | None:
+    return None if orders is None else orders[i]
 
 
 def critic_messages(own_previous: TurnBatch, contexts: Sequence[str], prompts: PromptSet,

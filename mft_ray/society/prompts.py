@@ -7,12 +7,13 @@ A ``PromptSet`` has a *style*, chosen by the method (``mft_ray.methods.registry`
 
 - ``debate`` (default): the critic is asked to examine its own and the other agents' solutions and
   give an updated answer (Du et al.). These texts are fixed: the built-in testbeds were trained on them.
-- ``cooperative``: the critic is asked to *combine* the solutions into one improved solution instead
-  of critiquing them (the paper's cooperative-finetuning ablation). Generator and summary prompts are
-  those of ``debate``.
-- ``unique_id``: every agent is addressed by its own ID, generator n as ``GEN<n+1>`` and critic n as
-  ``CRIT<n+1>``, and the other agents' responses it is shown are labelled with *their* IDs (the paper's
-  unique-ID ablation). Otherwise the texts of ``debate``.
+- ``cooperative``: the critic is asked to "derive a new solution by combining your solution with the
+  solutions of other agents" (the paper's Appendix D wording) instead of critiquing them. Generator and
+  summary prompts are those of ``debate``.
+- ``unique_id``: every prompt opens with the agent's ID card in the paper's Appendix E.2 form, "Agent ID:
+  GEN1 (This is a generation agent 1 tasked with creating a solution.)", critic n as ``CRIT<n+1>`` (its
+  task sentence is ours, by analogy: the appendix quote we follow gives the generator's), and the other
+  agents' responses it is shown are labelled with *their* IDs. Otherwise the texts of ``debate``.
 
 ``rationalize`` is STaR's hinted prompt (Zelikman et al. 2022): prompt0(x) with the ground-truth answer
 given as a hint. It is used only by the STaR method's rationalization pass; the training example keeps
@@ -26,6 +27,9 @@ from typing import Sequence
 
 PROMPT_STYLES = ("debate", "cooperative", "unique_id")
 ROLE_IDS = {"generator": "GEN", "critic": "CRIT"}
+# The unique-ID card's description of each role (Appendix E.2 gives the generator's).
+ROLE_CARDS = {"generator": "a generation agent {n} tasked with creating a solution",
+              "critic": "a critic agent {n} tasked with evaluating and improving the solutions of the agents"}
 
 
 def agent_id(role: str, agent: int) -> str:
@@ -46,7 +50,8 @@ class PromptSet:
 
     def _addressed(self, role: str, agent: int | None, text: str) -> str:
         if self.style == "unique_id" and agent is not None:
-            return f"You are agent {agent_id(role, agent)}. {text}"
+            card = ROLE_CARDS[role].format(n=agent + 1)
+            return f"Agent ID: {agent_id(role, agent)} (This is {card}.)\n\n{text}"
         return text
 
     def question(self, question: str, agent: int | None = None) -> str:
@@ -75,9 +80,8 @@ class PromptSet:
         else:
             head = f"These are the solutions to the problem from other agents: {context}"
         if self.style == "cooperative":
-            ask = ("Work together with the other agents: combine your solution and theirs into a single, "
-                   "improved solution, keeping the steps you agree on and settling the steps where you "
-                   "differ.")
+            ask = ("Work together with the other agents: derive a new solution by combining your solution "
+                   "with the solutions of other agents.")
         else:
             ask = ("Using the reasoning from other agents as additional advice, can you give an updated "
                    "answer? Examine your solution and that of the other agents step by step.")

@@ -9,6 +9,7 @@ import pytest
 
 from mft_ray.config import load_config
 from mft_ray.run.records import read_records, shard_path
+from mft_ray.society.debate import others_order
 from mft_ray.society.prompts import PromptSet
 from mft_ray.tasks import make_splits, make_task
 
@@ -56,11 +57,19 @@ def _check_structure(problems, table, agents, rounds, summarize, instruction):
     question = {p.id: p.question for p in problems}
     answer_of = {(r["problem_id"], r["agent"], r["round"]): r["response"] for r in rows if r["role"] != "summarizer"}
     summary_of = {(r["problem_id"], r["agent"], r["round"]): r for r in rows if r["role"] == "summarizer"}
+    shown = set()
     for r in rows:
         pid, n, m = r["problem_id"], r["agent"], r["round"]
+        order = r["others_order"]
+        if m == 1:
+            assert order is None
+        else:
+            # The others in the order seeded by (seed, problem, round, agent), as the record says.
+            assert order == others_order(0, pid, m, n, agents) and sorted(order) == [k for k in range(agents) if k != n]
+            shown.add(tuple(order))
         if r["role"] == "summarizer":
-            # s[m,n] is built from exactly the round m-1 responses of the *other* agents.
-            others = [answer_of[(pid, k, m - 1)] for k in range(agents) if k != n]
+            # s[m,n] is built from exactly the round m-1 responses of the *other* agents, shuffled.
+            others = [answer_of[(pid, k, m - 1)] for k in order]
             assert r["messages"] == [{"role": "user", "content": prompts.summary(question[pid], others)}]
         elif r["role"] == "critic":
             msgs = r["messages"]
@@ -69,10 +78,13 @@ def _check_structure(problems, table, agents, rounds, summarize, instruction):
             assert msgs[0]["content"] == prompts.question(question[pid])
             if summarize:
                 ctx = summary_of[(pid, n, m)]["response"]
+                assert summary_of[(pid, n, m)]["others_order"] == order
             else:
-                ctx = prompts.concatenate([answer_of[(pid, k, m - 1)] for k in range(agents) if k != n])
+                ctx = prompts.concatenate([answer_of[(pid, k, m - 1)] for k in order])
             assert msgs[-1] == {"role": "user", "content": prompts.critique(ctx, summarize)}
             assert len(msgs) == 2 * m - 1
+    if rounds > 1 and agents > 2:
+        assert len(shown) > agents, "the others are shown in a few fixed orders, not shuffled"
     # One majority per problem, shared by all of its rows.
     per_problem = {}
     for r in rows:

@@ -51,9 +51,9 @@ def task():
     return make_task(TaskConfig(name="arithmetic"))
 
 
-def _sets(name: str, records, task, rounds: int = 2):
+def _sets(name: str, records, task, rounds: int = 2, budget: str = "pooled"):
     return build_sets(get_method(name), records, task.equivalent, agents=AGENTS, rounds=rounds, w=0.5,
-                      mix_seed=0, vote_seed=0)
+                      mix_seed=0, vote_seed=0, single_agent_budget=budget)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,13 +98,17 @@ def test_debate_settings_of_each_method():
 
     assert shape("base") == (1, 1, False, 0.8, 0)
     assert shape("majority") == (5, 1, False, 0.8, 0)
+    assert shape("majority_matched") == (15, 1, False, 0.8, 0)  # as many samples as the debate's N x M answers
     assert shape("debate") == (5, 3, True, 0.8, 0)
     assert shape("multiagent_ft") == shape("multiagent_ft", "collect") == (5, 3, True, 0.8, 2)
     assert shape("multiagent_ft_no_summary") == shape("multiagent_ft_no_summary", "collect") == (5, 3, False, 0.8, 2)
-    assert shape("single_agent_ft_high_temp") == shape("single_agent_ft_high_temp", "collect") == (5, 3, True, 1.3, 2)
-    for name in ("majority_ft", "single_agent_ft_no_debate", "star"):
-        assert shape(name) == (5, 3, True, 0.8, 2)  # evaluated by the full debate
+    assert shape("single_agent_ft_high_temp") == shape("single_agent_ft_high_temp", "collect") == (5, 3, True, 2.0, 2)
+    for name in ("majority_ft", "star"):
+        assert shape(name) == (5, 1, False, 0.8, 2)  # scored as the paper does: a vote over N samples
         assert shape(name, "collect") == (5, 1, False, 0.8, 2)  # data from independent samples
+    # Table 3: the single-agent FT model (trained on the pooled debate data) answering directly.
+    assert shape("single_agent_ft_no_debate") == (1, 1, False, 0.8, 2)
+    assert shape("single_agent_ft_no_debate", "collect") == shape("single_agent_ft", "collect") == (5, 3, True, 0.8, 2)
     # The config as given is untouched.
     assert (cfg.debate.agents, cfg.debate.rounds, cfg.sampling.temperature) == (5, 3, 0.8)
 
@@ -139,7 +143,7 @@ def test_train_units_and_society_mapping():
         assert unit.name == SHARED_UNIT and unit.role == GENERATOR and set(unit.members) == set(gens + crits)
         assert set(society_after(get_method(name), AGENTS, {SHARED_UNIT: "one"}, previous).values()) == {"one"}
 
-    for name in ("base", "majority", "debate"):
+    for name in ("base", "majority", "majority_matched", "debate"):
         assert train_units(get_method(name), AGENTS) == []
 
 
@@ -168,15 +172,32 @@ def test_no_critic_trains_generators_only(task):
 def test_single_agent_rules_pool_every_agents_generator_and_critic_sets(task):
     want = expected_two_rounds()
     pooled = [ex for s in want for ex in (*s.generator, *s.corrected, *s.kept)]
-    for name in ("single_agent_ft", "single_agent_ft_high_temp", "single_agent_ft_unique_id"):
+    for name in ("single_agent_ft", "single_agent_ft_high_temp", "single_agent_ft_unique_id",
+                 "single_agent_ft_no_debate"):
         files, counts = _sets(name, records_for(TWO_ROUNDS), task)
         assert list(files) == [SHARED_UNIT]
         assert same_multiset(files[SHARED_UNIT], pooled) and len(pooled) == 10
         assert counts["trained"] == {SHARED_UNIT: 10}
+        assert counts["pooled"] == {"examples": 10, "kept": 10, "budget": "pooled"}
 
 
-def test_majority_rules_vote_over_round_one_and_ignore_the_debate(task):
-    for name in ("majority_ft", "single_agent_ft_no_debate"):
+def test_the_single_model_gets_one_generators_budget_by_default(task):
+    want = expected_two_rounds()
+    pooled = [ex for s in want for ex in (*s.generator, *s.corrected, *s.kept)]
+    files, counts = _sets("single_agent_ft", records_for(TWO_ROUNDS), task, budget="member")
+    # Generator sets of 3, 2 and 0 examples: one generator's mean is 5/3 -> 2 of the 10 pooled examples.
+    got = files[SHARED_UNIT]
+    assert len(got) == 2 and counts["trained"] == {SHARED_UNIT: 2}
+    assert counts["pooled"] == {"examples": 10, "kept": 2, "budget": "member"}
+    assert all(ex in pooled for ex in got)
+    assert _sets("single_agent_ft", records_for(TWO_ROUNDS), task, budget="member")[0] == files  # seeded
+    assert load_config(None, []).finetune.single_agent_budget == "member"
+    with pytest.raises(ConfigError, match="single_agent_budget must be one of"):
+        load_config(None, ["finetune.single_agent_budget=all"])
+
+
+def test_majority_rule_votes_over_round_one_and_ignores_the_debate(task):
+    for name in ("majority_ft",):
         files, counts = _sets(name, records_for(TWO_ROUNDS), task)
         got = files[SHARED_UNIT]
         # p1 (7,7,9) and p3 (2,2,3): agents 0 and 1. p2 (4,4,5): agents 0 and 1 although the debate's final
@@ -385,7 +406,7 @@ def test_every_method_runs_through_the_driver_and_only_star_reads_labels(method,
     if m.evaluation_only:
         assert [e[0] for e in seen["evals"]] == [0] and seen["debates"] == seen["jobs"] == []
         _, config, _ = seen["evals"][0]
-        assert config.debate.agents == (1 if method == "base" else 3)
+        assert config.debate.agents == {"base": 1, "majority_matched": 6}.get(method, 3)
         assert config.debate.rounds == (2 if method == "debate" else 1)
         assert [e["iteration"] for e in summary["iterations"]] == [0]
         return
@@ -394,11 +415,12 @@ def test_every_method_runs_through_the_driver_and_only_star_reads_labels(method,
     ((it, split, collect, paths),) = seen["debates"]
     assert (it, split, paths) == (0, "finetune", None)
     assert collect.debate.rounds == (m.collect_rounds or 2)
-    assert collect.sampling.temperature == pytest.approx(0.7 + m.temperature_offset)
+    assert collect.sampling.temperature == pytest.approx(m.temperature or 0.7)
     assert collect.debate.summarize == (m.collect_rounds is None and m.summarize is not False)
     rows = read_records(run_dir / "iter_0" / "debate_finetune").to_pylist()
     prompt = next(r for r in rows if r["agent"] == 1 and r["round"] == 1)["messages"][0]["content"]
-    assert prompt.startswith("You are agent GEN2. ") == (m.prompt_style == "unique_id")
+    assert prompt.startswith("Agent ID: GEN2 (This is a generation agent 2 tasked with creating a solution.)\n\n") \
+        == (m.prompt_style == "unique_id")
 
     # Finetunes: exactly the method's units, each on its own file; counts.json says so.
     units = train_units(m, 3)
@@ -422,9 +444,13 @@ def test_every_method_runs_through_the_driver_and_only_star_reads_labels(method,
     else:
         assert all(society[k] in (str(run_dir / "iter_1" / k), fake_model) for k in society)
     (it1, eval_config, eval_paths) = seen["evals"][1]
-    assert it1 == 1 and {str(k): v for k, v in eval_paths.items() if k.role != "summarizer"} == society
-    assert eval_config.sampling.temperature == pytest.approx(0.7 + m.temperature_offset)
-    assert eval_config.debate.summarize == (m.summarize is not False)
+    evaluated = {str(k): v for k, v in eval_paths.items() if k.role != "summarizer"}
+    assert it1 == 1 and evaluated.items() <= society.items()
+    assert eval_config.sampling.temperature == pytest.approx(m.temperature or 0.7)
+    # Scored as the paper scores the method: the debate, a vote over N samples, or one sample.
+    shape = {"debate": (3, 2, m.summarize is not False), "samples": (3, 1, False), "single": (1, 1, False)}
+    assert (eval_config.debate.agents, eval_config.debate.rounds, eval_config.debate.summarize) == shape[m.evaluation]
+    assert len(evaluated) == (2 if m.evaluation == "single" else 6)
 
     if m.uses_labels:
         # The rationalization pass asked the base generators with the label as a hint; no hint is trained on.
@@ -493,11 +519,14 @@ def test_star_runs_one_iteration_end_to_end_with_one_shared_checkpoint(ray_clust
     summary = main(config)
     assert summary["method"] == "star" and [e["iteration"] for e in summary["iterations"]] == [0, 1]
 
-    # The data debate was 1 round of 3 independent samples; the evaluation debates 3 agents x 2 rounds.
+    # The data debate was 1 round of 3 independent samples, and so is the evaluation: STaR is scored as the paper
+    # scores it, by samples of its final model (the vote over 3, and one sample).
     run, task = RunDir(run_dir), make_task(config.task)
     data = read_records(run.debate_dir(0, "finetune"))
     assert set(data["round"].to_pylist()) == {1} and len(data) == 12 * 3
-    assert set(read_records(run.debate_dir(1, "eval"))["round"].to_pylist()) == {1, 2}
+    evaluation = read_records(run.debate_dir(1, "eval"))
+    assert set(evaluation["round"].to_pylist()) == {1} and len(evaluation) == 6 * 3
+    assert 0 <= summary["iterations"][1]["base_accuracy"] <= 1
 
     # Every wrong round-1 answer was re-asked once, with its label as the hint, by the generator that wrote it.
     labels = {p.id: p.answer for p in make_splits(task, config.task).finetune}

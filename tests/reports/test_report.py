@@ -29,7 +29,7 @@ def _config(run_dir: Path, model: str, *extra: str):
 def _entry(zero: dict, iteration: int, acc: float, se: float, div: float) -> dict:
     e = copy.deepcopy(zero)
     e.update(iteration=iteration, accuracy=acc, stderr=se, consensus=1 - div, diversity=div,
-             answer_kl=div / 2, embedding_dissimilarity=div / 3, heldout_nll=2 + div)
+             answer_freq_kl=div / 2, embedding_dissimilarity=div / 3, critic_nll=1 + div, base_nll=2 + div)
     return e
 
 
@@ -49,7 +49,7 @@ def _variant(source: Path, target: Path, summary: dict, **config_changes) -> Pat
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, testbed_mini, tmp_path_factory):
+def runs(ray_cluster, testbed_mini, lively_model, tmp_path_factory):
     """maft: a real jobs.evaluate run (iteration 0) given two hand-made finetuned iterations and a society 1
     made of the testbed itself; saft / gsm8k: hand-made variants; transfer: society 1 of maft evaluated for
     real on GSM8K with --society-from."""
@@ -63,6 +63,7 @@ def runs(ray_cluster, testbed_mini, tmp_path_factory):
     summary["iterations"] += [_entry(zero, 1, 0.8, 0.1, 0.4), _entry(zero, 2, 1.0, 0.0, 0.35)]
     (maft / "metrics.json").write_text(json.dumps(summary))
     society = {f"{role}_{n}": testbed_mini for role in ("generator", "critic") for n in range(3)}
+    society["critic_0"] = lively_model  # another model as the held-out critic of the critic NLL
     (maft / "iter_1").mkdir()
     (maft / "iter_1" / "society.json").write_text(json.dumps(society))
 
@@ -88,23 +89,28 @@ def test_evaluation_saves_every_diversity_metric(runs, testbed_mini):
     maft = runs["maft"]
     saved = json.loads((maft / "iter_0" / "metrics.json").read_text())
     assert saved == runs["first"]
-    assert {k: saved[k] is None for k in ("answer_kl", "embedding_dissimilarity", "heldout_nll")} == \
-        {"answer_kl": False, "embedding_dissimilarity": False, "heldout_nll": False}
+    names = ("answer_freq_kl", "embedding_dissimilarity", "critic_nll", "base_nll")
+    assert {k: saved[k] is None for k in names} == dict.fromkeys(names, False)
     assert saved["diversity"] == pytest.approx(1 - saved["consensus"])
     details = saved["diversity_details"]
-    assert details["skipped"] == {} and details["nll_problems"] == 3 and details["embedding_problems"] == 6
+    assert details["skipped"] == {} and details["embedding_problems"] == 6
+    assert details["base_nll"]["problems"] == details["critic_nll"]["problems"] == 3
     # The same figures computed here directly from the records: the wiring adds or drops nothing.
     config = _config(maft, testbed_mini)
     task = make_task(config.task)
     ids = [p.id for p in make_splits(task, config.task).eval]
     records = read_records(maft / "iter_0" / "debate_eval")
-    assert saved["answer_kl"] == pytest.approx(diversity.answer_kl(records, task.equivalent, 0.5, ids))
+    assert saved["answer_freq_kl"] == pytest.approx(diversity.answer_kl(records, task.equivalent, 0.5, ids))
     assert saved["embedding_dissimilarity"] == pytest.approx(
         diversity.embedding_dissimilarity(records, diversity.load_encoder(), ids), abs=1e-5)
     convs, completions, keys = diversity.nll_requests(records, ids[:3])
     local = diversity.summarize_nll(HFEngine(testbed_mini).score(convs, completions), keys)
-    assert saved["heldout_nll"] == pytest.approx(local["heldout_nll"], rel=1e-4)
-    assert details["nll_responses"] == local["nll_responses"] > 0
+    assert saved["base_nll"] == pytest.approx(local["nll"], rel=1e-4)
+    assert details["base_nll"]["nll_responses"] == local["nll_responses"] > 0
+    # Iteration 0: critic 0 is the base model too, scoring critics 1 and 2 only.
+    critics = {k: v for k, v in local["nll_by_agent"].items() if k != "0"}
+    assert details["critic_nll"]["nll_by_agent"] == pytest.approx(critics, rel=1e-4)
+    assert details["critic_nll"]["model"] == details["base_nll"]["model"]
 
 
 def test_rerun_reuses_diversity_without_rewriting(runs, testbed_mini):
@@ -120,6 +126,24 @@ def test_rerun_reuses_diversity_without_rewriting(runs, testbed_mini):
     merged = json.loads((maft / "metrics.json").read_text())
     assert [e["iteration"] for e in merged["iterations"]] == [0, 1, 2]  # later entries kept
     assert merged["iterations"][1:] == saved["iterations"][1:]
+
+
+def test_critic_nll_scores_the_other_critics_under_critic_0s_model(runs, testbed_mini, lively_model):
+    from mft_ray.engines.hf import HFEngine
+    from mft_ray.metrics import diversity
+    from mft_ray.run.records import read_records
+
+    saved = json.loads((runs["transfer"] / "iter_1" / "metrics.json").read_text())
+    details = saved["diversity_details"]
+    assert details["critic_nll"]["model"] == lively_model and details["base_nll"]["model"] == testbed_mini
+    records = read_records(runs["transfer"] / "iter_1" / "debate_eval")
+    ids = [pid for pid in dict.fromkeys(records.column("problem_id").to_pylist())][:3]
+    convs, completions, keys = diversity.nll_requests(records, ids, agents=[1, 2])
+    local = diversity.summarize_nll(HFEngine(lively_model).score(convs, completions), keys)
+    assert saved["critic_nll"] == pytest.approx(local["nll"], rel=1e-4)
+    assert set(details["critic_nll"]["nll_by_agent"]) == {"1", "2"}
+    # Under another model than the base, the same responses score differently.
+    assert abs(saved["critic_nll"] - saved["base_nll"]) > 1e-3
 
 
 def test_transfer_run_records_its_origin(runs):
@@ -164,7 +188,7 @@ def test_report_writes_markdown_and_every_figure(runs, tmp_path):
                 assert cell.startswith("**") == (float(cell.strip("*").split(" ± ")[0]) == best), (row, cell)
     # The transfer run is not in the grid but in Figure 5's table, with its origin.
     assert re.search(r"\| Arithmetic -> GSM8K \| Multiagent FT \(iter 1\) \| [\d.]+ ± [\d.]+ \| transfer \|", text)
-    assert "| 2 | 100.0 ± 0.0 | 0.650 | 0.350 | 0.175 | 0.117 | 2.350 |" in text  # maft's per-run table
+    assert "| 2 | 100.0 ± 0.0 | 0.650 | 0.350 | 0.175 | 0.117 | 1.350 | 2.350 |" in text  # maft's per-run table
 
 
 def test_single_run_report_goes_under_the_run(runs):

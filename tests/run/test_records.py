@@ -16,6 +16,7 @@ from mft_ray.run import records
 from mft_ray.run.files import write_json_atomic
 from mft_ray.run.records import (
     SCHEMA,
+    debate_settings,
     read_records,
     rows_to_table,
     shard_is_complete,
@@ -43,6 +44,7 @@ def make_rows(problem_ids: list[str], agents: int = 2) -> list[dict]:
                 "majority": "0",
                 "tie": n == 1,
                 "consensus": 0.5,
+                "others_order": None,
             })
         rows.append({
             "iteration": 0,
@@ -62,6 +64,7 @@ def make_rows(problem_ids: list[str], agents: int = 2) -> list[dict]:
             "majority": None,
             "tie": False,
             "consensus": 0.0,
+            "others_order": [2, 1],
         })
     return rows
 
@@ -91,6 +94,17 @@ def test_write_and_read_round_trip(tmp_path: Path) -> None:
     assert table.column("majority").null_count == 3
     assert table.schema.field("messages").type == pa.list_(pa.struct([("role", pa.string()),
                                                                        ("content", pa.string())]))
+
+
+def test_records_written_before_a_column_existed_read_with_it_null(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    rows = make_rows(["p0"])
+    old = pa.Table.from_pylist(rows, schema=SCHEMA).drop_columns(["others_order"])
+    pq.write_table(old, tmp_path / "shard_00000.parquet")
+    table = read_records(tmp_path)
+    assert table.schema == SCHEMA and table.column("others_order").null_count == len(rows)
+    assert table.drop_columns(["others_order"]).to_pylist() == old.to_pylist()
 
 
 def test_shard_metadata_names_problems_and_rows(tmp_path: Path) -> None:
@@ -147,6 +161,20 @@ def test_shard_without_our_metadata_is_redone(tmp_path: Path) -> None:
     pq.write_table(rows_to_table(make_rows(["p0"])), path)  # valid Parquet, but no "mft" metadata
     assert shard_is_complete(tmp_path, 0, ["p0"]) is False
     assert not path.exists()
+
+
+def test_shard_of_a_debate_with_other_settings_is_refused(tmp_path: Path) -> None:
+    three_by_two = debate_settings(3, 2, True, True)
+    write_shard(tmp_path, 0, make_rows(["p0"]), ["p0"], three_by_two)
+    assert shard_is_complete(tmp_path, 0, ["p0"], three_by_two)
+    # E.g. majority_ft, now scored by one round of samples, resuming a run whose evaluation was a debate.
+    with pytest.raises(RecordsError, match=r"a debate with other settings .*'rounds': 2.* use a new run_dir"):
+        shard_is_complete(tmp_path, 0, ["p0"], debate_settings(3, 1, False, True))
+    # A shard from before the settings were recorded: it may hold the unshuffled debate.
+    write_shard(tmp_path, 1, make_rows(["p1"]), ["p1"])
+    with pytest.raises(RecordsError, match="from an older version"):
+        shard_is_complete(tmp_path, 1, ["p1"], three_by_two)
+    assert shard_path(tmp_path, 1).exists()
 
 
 def test_shard_for_other_problems_is_refused(tmp_path: Path) -> None:

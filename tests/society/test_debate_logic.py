@@ -11,6 +11,7 @@ from mft_ray.society.debate import (
     concatenated_contexts,
     critic_messages,
     others_of,
+    others_order,
     round1_messages,
     summary_messages,
 )
@@ -49,6 +50,31 @@ def test_others_of_excludes_only_the_agent() -> None:
     assert others_of(prev, 1, 0) == [reply(0, 1, 0), reply(2, 1, 0)]
     assert others_of(prev, 0, 1) == [reply(1, 1, 1), reply(2, 1, 1)]
     assert others_of(prev, 2, 1) == [reply(0, 1, 1), reply(1, 1, 1)]
+
+
+def test_others_order_is_a_seeded_shuffle_of_the_other_agents() -> None:
+    orders = {(pid, m, n): others_order(0, pid, m, n, 5) for pid in ("p0", "p1", "p2") for m in (2, 3)
+              for n in range(5)}
+    for (pid, m, n), order in orders.items():
+        assert sorted(order) == [k for k in range(5) if k != n]
+        assert others_order(0, pid, m, n, 5) == order  # a rerun shows the same order
+    assert len({tuple(o) for o in orders.values()}) > 10  # problems, rounds and agents get different orders
+    assert any(others_order(1, f"p{i}", 2, 0, 5) != others_order(0, f"p{i}", 2, 0, 5) for i in range(10))  # the seed
+    # Each of the two orders of 2 others comes up over many problems, about equally often.
+    firsts = [others_order(0, f"p{i}", 2, 0, 3)[0] for i in range(400)]
+    assert 150 < firsts.count(1) < 250
+
+
+def test_summaries_and_concatenations_follow_the_given_order() -> None:
+    prev = generator_round1()
+    orders = [[2, 0], [0, 2]]  # agent 1's view of problem 0, then of problem 1
+    summ = summary_messages(QUESTIONS, prev, 1, PROMPTS, orders)
+    assert summ[0][0]["content"] == PROMPTS.summary(QUESTIONS[0], [reply(2, 1, 0), reply(0, 1, 0)])
+    assert summ[1][0]["content"] == PROMPTS.summary(QUESTIONS[1], [reply(0, 1, 1), reply(2, 1, 1)])
+    ctx = concatenated_contexts(QUESTIONS, prev, 1, PROMPTS, orders)
+    assert ctx[0] == PROMPTS.concatenate([reply(2, 1, 0), reply(0, 1, 0)])
+    with pytest.raises(ValueError, match="other than 1"):
+        summary_messages(QUESTIONS, prev, 1, PROMPTS, [[1, 0], [0, 2]])  # its own response is never shown
 
 
 @pytest.mark.parametrize("agent", range(N))
@@ -204,7 +230,7 @@ def test_cooperative_critic_combines_instead_of_critiquing() -> None:
     coop = PromptSet("End with \\boxed{x}.", style="cooperative")
     text = coop.critique("S", True, agent=0)
     assert text.startswith("Here is a summary of the responses from other agents: S\n\n")
-    assert "combine your solution and theirs into a single, improved solution" in text
+    assert "derive a new solution by combining your solution with the solutions of other agents" in text
     assert "updated answer" not in text and "Examine" not in text
     assert text.endswith("End with \\boxed{x}.")
     # Generators and the summarizer are asked exactly as in the debate style.
@@ -219,15 +245,17 @@ UNIQUE = PromptSet(answer_instruction="End with \\boxed{x}.", style="unique_id")
 def test_unique_ids_address_each_agent_and_label_the_others() -> None:
     gen = [TurnBatch(round1_messages(QUESTIONS, UNIQUE, n), [reply(n, 1, i) for i in range(2)]) for n in range(N)]
     for n in range(N):
-        assert gen[n].messages[0][0]["content"] == f"You are agent GEN{n + 1}. " + PROMPTS_PLAIN.question(QUESTIONS[0])
+        card = f"Agent ID: GEN{n + 1} (This is a generation agent {n + 1} tasked with creating a solution.)"
+        assert gen[n].messages[0][0]["content"] == f"{card}\n\n" + PROMPTS_PLAIN.question(QUESTIONS[0])
     # Round 2: the summary for agent 1 shows GEN1 and GEN3's round-1 replies under their IDs.
     summ = summary_messages(QUESTIONS, gen, 1, UNIQUE)[0][0]["content"]
     assert f"GEN1: {reply(0, 1, 0)}" in summ and f"GEN3: {reply(2, 1, 0)}" in summ
     assert "GEN2" not in summ and "Agent 1" not in summ
     crit = [TurnBatch(critic_messages(gen[n], ["s", "s"], UNIQUE, True, n), [reply(n, 2, i) for i in range(2)])
             for n in range(N)]
-    assert crit[2].messages[0][-1]["content"].startswith("You are agent CRIT3. Here is a summary")
-    assert crit[2].messages[0][0]["content"].startswith("You are agent GEN3. ")  # its own round-1 turn
+    card = "Agent ID: CRIT3 (This is a critic agent 3 tasked with evaluating and improving the solutions of the agents.)"
+    assert crit[2].messages[0][-1]["content"].startswith(f"{card}\n\nHere is a summary")
+    assert crit[2].messages[0][0]["content"].startswith("Agent ID: GEN3 (")  # its own round-1 turn
     # Round 3 without summaries: the others' round-2 replies come from critics, labelled CRIT<n>.
     ctx = concatenated_contexts(QUESTIONS, crit, 0, UNIQUE)[1]
     assert ctx == (f"\n\nSolution of agent CRIT2: ```{reply(1, 2, 1)}```"

@@ -1,0 +1,89 @@
+"""A study: several methods on one config, each in its own run directory, compared in one table.
+
+    python -m jobs.study --config jobs/configs/demo_cpu.yaml [--methods multiagent_ft,majority_ft]
+                         [--root DIR] [key.sub=value ...]
+
+Runs (or resumes) ``jobs.iterate`` once per method under DIR/<method> (DIR defaults to the config's
+run_dir) with the same config, seeds and problems, then writes into DIR:
+
+- ``results.json``: one row per method and iteration, ``{"method", "label", "iteration", "accuracy",
+  "stderr", "samples_per_problem", "vs_best_se"}`` (``mft_ray.reports.study``);
+- ``study.md``: that table, linking the multi-run report written into DIR/report (``jobs.report``):
+  Figure 1 (accuracy per iteration, society vs single model), Figure 3 (diversity per iteration) and
+  the per-run tables.
+
+Every run resumes where it stopped, so a long study may be run in parts. Prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jobs.common import run_cli
+from jobs.iterate import main as iterate
+from jobs.report import load_run
+from jobs.report import main as report
+from mft_ray.config import load_config
+from mft_ray.errors import ConfigError
+from mft_ray.methods.registry import get_method
+from mft_ray.reports.study import results_json, study_markdown, study_rows
+from mft_ray.run.files import write_json_atomic, write_text_atomic
+
+logger = logging.getLogger("mft_ray.jobs.study")
+
+DEFAULT_METHODS = ("multiagent_ft", "majority_ft")
+RESULTS = "results.json"
+STUDY = "study.md"
+
+
+def main(config_path: str | None, overrides: Sequence[str], methods: Sequence[str],
+         root: str | Path | None = None) -> dict[str, Any]:
+    """Run every method of the study (each resumes), then write results.json and study.md into ``root``."""
+    if not methods:
+        raise ConfigError("--methods: give at least one method")
+    for name in methods:
+        get_method(name)  # an unknown name is refused before any work
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods: a method is given twice in {list(methods)}")
+    if any(o.split("=", 1)[0] in ("method", "run_dir") for o in overrides):
+        raise ConfigError("method and run_dir are set by the study (--methods, --root), not as overrides")
+    configs = {name: load_config(config_path, list(overrides) + [f"method={name}"]) for name in methods}
+    out = Path(root if root is not None else configs[methods[0]].run_dir).expanduser().absolute()
+    for name in methods:
+        logger.info("study: method %s in %s", name, out / name)
+        iterate(load_config(config_path, [*overrides, f"method={name}", f"run_dir={out / name}"]))
+    runs = {name: load_run(out / name) for name in methods}
+    rows = study_rows(runs)
+    write_json_atomic(results_json(rows), out / RESULTS)
+    problems = next(iter(runs.values())).iterations[0].get("problems")
+    table = study_markdown(rows, problems)
+    figures = report([out / name for name in methods], out / "report")
+    text = (f"# Study: {', '.join(methods)}\n\n{table}\n"
+            f"Figures and per-run tables: [report/report.md](report/report.md) "
+            f"({', '.join(sorted(p.name for p in figures['figures'].values()))}).\n")
+    write_text_atomic(text, out / STUDY)
+    logger.info("wrote %s and %s", out / RESULTS, out / STUDY)
+    return {"rows": rows, "table": table, "root": str(out)}
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--config", help="YAML config file (see jobs/configs/)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--root", help="directory of the study's runs (default: the config's run_dir)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args(argv)
+    result = main(args.config, args.overrides, [m for m in args.methods.split(",") if m], args.root)
+    print(result["table"])
+    print(f"(also in {Path(result['root']) / STUDY} and {Path(result['root']) / RESULTS})")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(cli))
