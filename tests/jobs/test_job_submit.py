@@ -114,7 +114,9 @@ def test_job_submit_iterate_runs_one_iteration_of_the_real_model_on_vllm(ray_hea
            "finetune.generator.epochs=1", "finetune.critic.epochs=1", "finetune.generator.max_length=384",
            "finetune.critic.max_length=768", "model.max_model_len=1024", "model.kv_cache_gb=0.25",
            "metrics.embedding=false", "metrics.nll_problems=0"]
-    done = _submit(cmd, env, timeout=900)
+    # ~400 s alone on 2 cores; more than twice that when another Ray Train test shares the cores (make test's
+    # second worker): the limit only catches a hang.
+    done = _submit(cmd, env, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
