@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -108,3 +109,22 @@ class RayRuntime:
     def finetune(self, jobs: Sequence[FinetuneJob], finetune: FinetuneConfig, storage_path: str) -> dict[str, Any]:
         return run_finetunes(list(jobs), storage_path, finetune.num_workers, finetune.cpus_per_worker,
                              finetune.gpus_per_worker, finetune.max_failures, finetune.max_concurrent)
+
+
+def init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local one."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        # A throwaway local instance: token auth set up by a local ray.init() would only break later
+        # CLI calls on this machine. A cluster's own auth mode (RAY_ADDRESS set) is left alone.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address or None, log_to_driver=True, include_dashboard=False if not address else None)
+    logger.info("ray: %s", ray.cluster_resources())
+
+
+def connect_ray() -> RayRuntime:
+    """Start (or join) Ray and return the stages' runtime on it: what a job passes to ``run_algorithm``."""
+    init_ray()
+    return RayRuntime()

@@ -11,11 +11,12 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from actors.runtime import RayRuntime
-from jobs.common import base_parser, build_builtin_model, init_ray, parse_config, run_cli
+from actors.runtime import connect_ray
+from jobs.common import base_parser, parse_config, run_cli
 from mft_ray import stages
 from mft_ray.config import Config
 from mft_ray.methods.registry import method_config
+from mft_ray.models.builtin import build_builtin_model
 from mft_ray.run.preflight import check_config, require_problems
 from mft_ray.run.rundir import RunDir
 from mft_ray.tasks import make_splits, make_task
@@ -35,8 +36,7 @@ def main(config: Config, split: str = "finetune", iteration: int = 0) -> dict[st
     require_problems(problems, split)
     build_builtin_model(config.model.path)
     run.prepare(given)
-    init_ray()
-    stats = stages.debate_split(RayRuntime(), config, run, iteration, split, problems,
+    stats = stages.debate_split(connect_ray(), config, run, iteration, split, problems,
                                 stages.society_paths(config, run, iteration))
     logger.info("records in %s", run.debate_dir(iteration, split))
     return stats

@@ -18,12 +18,13 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from actors.runtime import RayRuntime
-from jobs.common import base_parser, build_builtin_model, init_ray, parse_config, run_cli
+from actors.runtime import connect_ray
+from jobs.common import base_parser, parse_config, run_cli
 from mft_ray import stages
 from mft_ray.config import Config
 from mft_ray.errors import ConfigError
 from mft_ray.methods.registry import method_config
+from mft_ray.models.builtin import build_builtin_model
 from mft_ray.run.preflight import check_config, require_problems
 from mft_ray.run.rundir import DEFAULT_METHOD, RunDir
 from mft_ray.tasks import make_splits, make_task
@@ -82,8 +83,7 @@ def main(config: Config, iteration: int = 0, society_from: str | None = None) ->
     build_builtin_model(config.model.path)
     paths = stages.society_paths(config, source, iteration, repair=False)
     run.prepare(given)
-    init_ray()
-    metrics = stages.evaluate_society(RayRuntime(), config, run, task, problems, iteration, paths)
+    metrics = stages.evaluate_society(connect_ray(), config, run, task, problems, iteration, paths)
     stages.update_summary(run, config, metrics, origin)
     return metrics
 

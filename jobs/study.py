@@ -3,14 +3,15 @@
     python -m jobs.study --config jobs/configs/demo_cpu.yaml [--methods multiagent_ft,majority_ft]
                          [--root DIR] [key.sub=value ...]
 
-Runs (or resumes) ``jobs.iterate`` once per method under DIR/<method> (DIR defaults to the config's
-run_dir) with the same config, seeds and problems, then writes into DIR:
+Runs (or resumes) Algorithm 1 (``mft_ray.algorithm``, as jobs.iterate does) once per method under
+DIR/<method> (DIR defaults to the config's run_dir) with the same config, seeds and problems, then writes
+into DIR:
 
 - ``results.json``: one row per method and iteration, ``{"method", "label", "iteration", "accuracy",
   "stderr", "samples_per_problem", "vs_best_se"}`` (``mft_ray.reports.study``);
-- ``study.md``: that table, linking the multi-run report written into DIR/report (``jobs.report``):
-  Figure 1 (accuracy per iteration, society vs single model), Figure 3 (diversity per iteration) and
-  the per-run tables.
+- ``study.md``: that table, linking the multi-run report written into DIR/report
+  (``mft_ray.reports.paper_report``, as jobs.report): Figure 1 (accuracy per iteration, society vs
+  single model), Figure 3 (diversity per iteration) and the per-run tables.
 
 Every run resumes where it stopped, so a long study may be run in parts. Prints the table.
 """
@@ -24,13 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from actors.runtime import connect_ray
 from jobs.common import run_cli
-from jobs.iterate import main as iterate
-from jobs.report import load_run
-from jobs.report import main as report
+from mft_ray.algorithm import run_algorithm
 from mft_ray.config import load_config
 from mft_ray.errors import ConfigError
 from mft_ray.methods.registry import get_method
+from mft_ray.reports.paper_report import load_run, write_paper_report
 from mft_ray.reports.study import results_json, study_markdown, study_rows
 from mft_ray.run.files import write_json_atomic, write_text_atomic
 
@@ -56,13 +57,14 @@ def main(config_path: str | None, overrides: Sequence[str], methods: Sequence[st
     out = Path(root if root is not None else configs[methods[0]].run_dir).expanduser().absolute()
     for name in methods:
         logger.info("study: method %s in %s", name, out / name)
-        iterate(load_config(config_path, [*overrides, f"method={name}", f"run_dir={out / name}"]))
+        config = load_config(config_path, [*overrides, f"method={name}", f"run_dir={out / name}"])
+        run_algorithm(config, connect_ray)
     runs = {name: load_run(out / name) for name in methods}
     rows = study_rows(runs)
     write_json_atomic(results_json(rows), out / RESULTS)
     problems = next(iter(runs.values())).iterations[0].get("problems")
     table = study_markdown(rows, problems)
-    figures = report([out / name for name in methods], out / "report")
+    figures = write_paper_report([out / name for name in methods], out / "report")
     text = (f"# Study: {', '.join(methods)}\n\n{table}\n"
             f"Figures and per-run tables: [report/report.md](report/report.md) "
             f"({', '.join(sorted(p.name for p in figures['figures'].values()))}).\n")

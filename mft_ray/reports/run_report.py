@@ -5,7 +5,7 @@ independent samples, vote; both read from iteration 0's round-1 records), Debate
 iteration 0) and the run's method (Multiagent FT by default) after each finetuning iteration. Every
 accuracy is the share of the evaluation split answered correctly, with its standard error
 sqrt(p(1-p)/n). Below the table, the diversity figures of every iteration. Reports over several runs
-(Table 1 grid, Figures 1-5) are ``jobs.report``'s.
+(Table 1 grid, Figures 1-5) are ``paper_report``'s.
 """
 
 from __future__ import annotations

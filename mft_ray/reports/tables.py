@@ -2,7 +2,7 @@
 
 A run is what ``jobs.iterate`` or ``jobs.evaluate`` left in one run directory: ``metrics.json`` (the
 summary: task, method, iterations) and ``config.yaml``. This module turns already-loaded runs into
-Markdown; ``mft_ray.reports.figures`` draws them and ``jobs.report`` reads the files.
+Markdown; ``mft_ray.reports.figures`` draws them and ``paper_report`` reads the files.
 
 Table 1 (method x dataset): Base, Majority and Debate come from iteration 0 (a run of the evaluation-only
 method of that name if one is given, else the first ``multiagent_ft`` run of the dataset, else the first

@@ -1,7 +1,7 @@
 """Bad input through the job entry points: each gets one clear line naming the problem, a non-zero exit,
 and no output left behind.
 
-The table runs each job's CLI in-process through ``run_cli`` with ``init_ray`` replaced by a function
+The table runs each job's CLI in-process through ``run_cli`` with ``connect_ray`` replaced by a function
 that fails the test, so every refusal is shown to happen before the cluster is touched (and the run
 directory must not even exist). A few cases go through ``python -m jobs.X`` to check the real exit
 status and that no traceback is printed. Resource and engine failures that need a cluster are
@@ -90,14 +90,14 @@ def free_port() -> int:
 
 
 def _no_ray() -> None:
-    raise AssertionError("the job reached init_ray: bad input must be refused before the cluster is used")
+    raise AssertionError("the job reached connect_ray: bad input must be refused before the cluster is used")
 
 
 def run_job(job: str, args: list[str], monkeypatch: pytest.MonkeyPatch,
             capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """Run ``jobs.<job>``'s CLI in-process as ``python -m`` would; return (exit code, stderr)."""
     module = importlib.import_module(f"jobs.{job}")
-    monkeypatch.setattr(module, "init_ray", _no_ray)
+    monkeypatch.setattr(module, "connect_ray", _no_ray)
     monkeypatch.setattr(common, "setup_logging", lambda: None)  # pytest owns the logging handlers
     try:
         code = run_cli(module.cli, ["--config", TINY, *args])
@@ -282,7 +282,7 @@ def test_endpoint_credentials_are_not_echoed(monkeypatch: pytest.MonkeyPatch,
 def test_endpoint_check_can_be_turned_off(monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     # With the check off the job goes on to start Ray (here: the stand-in that fails the test's way).
-    with pytest.raises(AssertionError, match="reached init_ray"):
+    with pytest.raises(AssertionError, match="reached connect_ray"):
         run_job("debate", ["model.engine=openai", "model.path=served", "model.check_endpoint=false",
                            f"model.base_url=http://127.0.0.1:{free_port()}/v1", f"run_dir={tmp_path / 'run'}",
                            "task.finetune_size=1", "task.eval_size=1"], monkeypatch, capsys)
@@ -353,16 +353,18 @@ def test_iterate_refuses_a_finetune_bigger_than_the_cluster_before_any_debate(
     import ray
 
     import actors.placement
+    from actors.runtime import RayRuntime
     from jobs import iterate
+    from mft_ray import stages
 
-    monkeypatch.setattr(iterate, "init_ray", lambda: None)
+    monkeypatch.setattr(iterate, "connect_ray", RayRuntime)  # no Ray started: the resources below are faked
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "memory": 1e9})
     monkeypatch.setattr(actors.placement, "alive_node_resources", lambda: [{"CPU": 2.0}])
 
     def no_debate(*args, **kwargs):
         raise AssertionError("debated before checking the finetunes fit")
 
-    monkeypatch.setattr(iterate.stages, "evaluate_society", no_debate)
+    monkeypatch.setattr(stages, "evaluate_society", no_debate)
     monkeypatch.setattr(common, "setup_logging", lambda: None)
     run_dir = tmp_path / "run"
     start = time.monotonic()

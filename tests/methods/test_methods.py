@@ -277,7 +277,7 @@ def test_label_free_builder_refuses_star_and_evaluation_only_methods(task):
 
 
 # --------------------------------------------------------------------------------------------------
-# Every method through the jobs.iterate driver (debates, finetunes and the rationalization model faked),
+# Every method through Algorithm 1's driver (mft_ray.algorithm) (debates, finetunes and the rationalization model faked),
 # with finetune-split labels that log every read: only STaR reads them.
 
 
@@ -311,15 +311,14 @@ def fake_model(tmp_path_factory) -> str:
 
 
 def _drive(monkeypatch, run_dir: Path, model: str, method: str, *overrides: str) -> dict:
-    """Run jobs.iterate.main for one iteration of ``method`` with every Ray stage replaced by a fake that
-    records what it was asked; returns what was seen."""
-    import jobs.iterate
-    from mft_ray import stages
+    """Run Algorithm 1 (``mft_ray.algorithm``, what jobs.iterate runs) for one iteration of ``method`` with every
+    Ray stage replaced by a fake that records what it was asked; returns what was seen."""
+    from mft_ray import algorithm, stages
     from mft_ray.run.records import write_shard
     from mft_ray.society.voting import majority_vote, vote_rng
 
     seen: dict = {"debates": [], "evals": [], "jobs": [], "generate": [], "reads": []}
-    real_splits = jobs.iterate.make_splits
+    real_splits = algorithm.make_splits
 
     def sealed_splits(task, cfg):
         splits = real_splits(task, cfg)
@@ -375,17 +374,16 @@ def _drive(monkeypatch, run_dir: Path, model: str, method: str, *overrides: str)
                 out[member].append(f"so \\boxed{{{hint if k % 2 == 0 else 'x'}}}")
         return out
 
-    monkeypatch.setattr(jobs.iterate, "make_splits", sealed_splits)
+    monkeypatch.setattr(algorithm, "make_splits", sealed_splits)
     monkeypatch.setattr(stages, "evaluate_society", fake_evaluate)
-    monkeypatch.setattr(jobs.iterate, "init_ray", lambda: None)
-    monkeypatch.setattr(jobs.iterate, "write_report", lambda run, summary: "table")
+    monkeypatch.setattr(algorithm, "write_report", lambda run, summary: "table")
     # The stages' runtime with every Ray call faked (stages.Runtime's methods).
     runtime = SimpleNamespace(debate=fake_debate, generate=fake_generate, check_finetunes_fit=lambda ft: None,
                               finetune=lambda jobs, ft, storage_path: fake_finetunes(jobs))
     config = load_config(None, [f"run_dir={run_dir}", f"model.path={model}", f"method={method}", "task.max_int=3",
                                 "task.finetune_size=6", "task.eval_size=3", "finetune.iterations=1",
                                 "debate.agents=3", "debate.rounds=2", "sampling.temperature=0.7", *overrides])
-    seen["summary"] = jobs.iterate.main(config, runtime)
+    seen["summary"] = algorithm.run_algorithm(config, lambda: runtime)
     return seen
 
 

@@ -129,7 +129,6 @@ def test_a_job_builds_its_builtin_model_in_the_driver_on_every_core(tmp_path, mo
 
     import torch
 
-    from jobs.common import build_builtin_model
     from mft_ray.models import builtin as models
 
     monkeypatch.setenv("MFT_CACHE_DIR", str(tmp_path))
@@ -140,13 +139,13 @@ def test_a_job_builds_its_builtin_model_in_the_driver_on_every_core(tmp_path, mo
                                                                 real(out, spec))[1])
     torch.set_num_threads(1)
     try:
-        build_builtin_model("builtin:testbed")
+        models.build_builtin_model("builtin:testbed")
         assert torch.get_num_threads() == 1  # the driver's own setting is restored
     finally:
         torch.set_num_threads(threads)
     assert built_with == [len(os.sched_getaffinity(0))]
     assert (models.builtin_model_dir("testbed") / "config.json").is_file()
-    build_builtin_model(str(tmp_path / "a-local-checkpoint"))  # not built-in: nothing to build
+    models.build_builtin_model(str(tmp_path / "a-local-checkpoint"))  # not built-in: nothing to build
     assert built_with == [len(os.sched_getaffinity(0))]
 
 
