@@ -25,6 +25,7 @@ from mft_ray.society.debate import (
     round1_messages,
     summary_messages,
 )
+from mft_ray.society.members import CRITIC, GENERATOR, SUMMARIZER, Member
 from mft_ray.society.prompts import PromptSet
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,10 @@ class AgentActor:
     """Owns an engine for ``model_path`` and answers on behalf of the members named in ``members``."""
 
     def __init__(self, model: dict[str, Any], model_path: str, members: list[str],
-                 prompts: PromptSet | str) -> None:
+                 prompts: PromptSet | str, adapters: dict[str, str] | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         self.members = members
+        self.adapters = dict(adapters or {})  # member -> its LoRA adapter over ``model_path``
         self.model_cfg = ModelConfig(**model)
         # A PromptSet carries the method's prompt style; a bare string is the task's answer instruction.
         self.prompts = prompts if isinstance(prompts, PromptSet) else PromptSet(prompts)
@@ -60,14 +62,15 @@ class AgentActor:
         try:
             # A built-in model is built (or found cached) on this node; a served model's name is used as is.
             local = model_path if self.model_cfg.engine == "openai" else resolve_model_path(model_path)
-            self._engine = make_engine(self.model_cfg, local)
+            self._engine = make_engine(self.model_cfg, local, sorted(set(self.adapters.values())))
         except EngineError as exc:
             # Raised by the first method call instead (SocietyGroup calls info() at once): an error raised
             # here reaches the driver only as text inside ActorDiedError (a remote traceback), while one
             # raised by a method keeps its type and message.
             self.load_error = exc
             return
-        logger.info("agent actor pid %d serves %s with %s", os.getpid(), ", ".join(members), model_path)
+        logger.info("agent actor pid %d serves %s with %s%s", os.getpid(), ", ".join(members), model_path,
+                    f" and {len(set(self.adapters.values()))} LoRA adapters" if self.adapters else "")
 
     @property
     def engine(self) -> Engine:
@@ -79,20 +82,26 @@ class AgentActor:
     def info(self) -> dict[str, Any]:
         """Who this actor serves; raises the engine's load error if the model could not be loaded."""
         return {"pid": os.getpid(), "members": self.members, "model_path": self.engine.model_path,
-                "node": ray.get_runtime_context().get_node_id()}
+                "adapters": self.adapters, "node": ray.get_runtime_context().get_node_id()}
 
-    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[str]:
-        """Raw engine access (benchmarks, interactive use)."""
-        return self.engine.generate(conversations, sampling)
+    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams,
+                 member: str | None = None) -> list[str]:
+        """Raw engine access (benchmarks, interactive use, STaR's rationalizations), as ``member`` (its
+        adapter, if it has one; None: the model itself)."""
+        return self.engine.generate(conversations, sampling, [self.adapters.get(member)] * len(conversations))
 
-    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
-        """Mean per-token NLL of each completion as this model's reply (held-out NLL, ``Engine.score``)."""
-        return self.engine.score(conversations, completions)
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str],
+              member: str | None = None) -> list[float | None]:
+        """Mean per-token NLL of each completion as ``member``'s reply (held-out NLL, ``Engine.score``)."""
+        return self.engine.score(conversations, completions, self.adapters.get(member))
 
-    def _run(self, per_member: list[list[Conversation]], sampling: SamplingParams) -> list[TurnBatch]:
-        # One engine call for all members served here: the biggest batch the engine can get.
+    def _run(self, per_member: list[list[Conversation]], sampling: SamplingParams,
+             members: list[str]) -> list[TurnBatch]:
+        # One engine call for all members served here: the biggest batch the engine can get (a LoRA society's
+        # members included: each conversation carries its member's adapter).
         flat = [c for convs in per_member for c in convs]
-        texts = self.engine.generate(flat, sampling)
+        adapters = [self.adapters.get(m) for m, convs in zip(members, per_member) for _ in convs]
+        texts = self.engine.generate(flat, sampling, adapters)
         out, k = [], 0
         for convs in per_member:
             out.append(TurnBatch(convs, texts[k:k + len(convs)]))
@@ -102,7 +111,7 @@ class AgentActor:
     def round1(self, questions: list[str], agents: list[int], sampling: SamplingParams) -> Any:
         """Round 1 for generators ``agents``: one TurnBatch each."""
         per = [round1_messages(questions, self.prompts, n) for n in agents]
-        return _unpack(self._run(per, sampling))
+        return _unpack(self._run(per, sampling, [str(Member(GENERATOR, n)) for n in agents]))
 
     def summarize(self, questions: list[str], agents: list[int], sampling: SamplingParams,
                   orders: list[Orders], *previous: TurnBatch) -> Any:
@@ -111,7 +120,7 @@ class AgentActor:
         ``orders[k]`` is the order agent ``agents[k]`` sees the others in, per problem (None: agent order).
         """
         per = [summary_messages(questions, previous, n, self.prompts, order) for n, order in zip(agents, orders)]
-        return _unpack(self._run(per, sampling))
+        return _unpack(self._run(per, sampling, [str(Member(SUMMARIZER, 0))] * len(agents)))
 
     def critique(self, questions: list[str], agents: list[int], sampling: SamplingParams,
                  summarized: bool, orders: list[Orders], *refs: TurnBatch) -> Any:
@@ -127,4 +136,4 @@ class AgentActor:
             contexts = (summaries[k].responses if summarized
                         else concatenated_contexts(questions, previous, n, self.prompts, orders[k]))
             per.append(critic_messages(previous[n], contexts, self.prompts, summarized, n))
-        return _unpack(self._run(per, sampling))
+        return _unpack(self._run(per, sampling, [str(Member(CRITIC, n)) for n in agents]))

@@ -23,6 +23,7 @@ from actors.placement import place
 from mft_ray.config import Config, ModelConfig
 from mft_ray.engines import Conversation, SamplingParams
 from mft_ray.methods.registry import prompt_set
+from mft_ray.models.adapters import split_weights
 from mft_ray.society.members import plan_engines, society_members
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class SocietyGroup:
     actor serving it.
 
     ``model_paths`` gives each member's weights (default: every member uses ``config.model.path``, as at
-    iteration 0). With ``resources.share_engine`` members with equal weights share an actor (one engine).
+    iteration 0). With ``resources.share_engine`` members with equal weights share an actor (one engine), and
+    so do members whose weights are LoRA adapters of one base model (each request carries its adapter).
     ``members`` replaces the society's members (e.g. ``["heldout"]`` for the held-out scorer) and ``model``
     its model settings. ``detached=True`` (the interactive service) names the actors ``<name>-agent-<i>``
     and makes them and the placement group outlive the driver. ``wait=False`` returns before the models
@@ -50,7 +52,7 @@ class SocietyGroup:
                                                                                config.debate.summarize)
         paths = {m: (model_paths or {}).get(m, config.model.path) for m in chosen}
         res = config.resources
-        groups = plan_engines(chosen, paths, res.share_engine)
+        groups = plan_engines(chosen, paths, res.share_engine, split_weights)
         shared = [g for g in groups if len(g.members) > 1]
         logger.info("%s: %d members on %d engine(s)%s", name, len(chosen), len(groups),
                     "".join(f"; shared engine: {g.describe()}" for g in shared))
@@ -69,7 +71,8 @@ class SocietyGroup:
                     num_cpus=res.num_cpus_per_agent, num_gpus=res.num_gpus_per_agent,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                     **named, **restarts,
-                ).remote(asdict(model or config.model), group.model_path, [str(m) for m in group.members], prompts))
+                ).remote(asdict(model or config.model), group.model_path, [str(m) for m in group.members], prompts,
+                         {str(m): a for m, a in group.adapters.items()}))
             self.ready = [a.info.remote() for a in self.actors]
             if wait:
                 self.wait_ready()
@@ -94,12 +97,12 @@ class SocietyGroup:
     def async_generate(self, member: str, conversations: Sequence[Conversation],
                        sampling: SamplingParams) -> ray.ObjectRef:
         """``member`` answers each conversation (outside any debate)."""
-        return self.actor(member).generate.remote(list(conversations), sampling)
+        return self.actor(member).generate.remote(list(conversations), sampling, member)
 
     def async_score(self, member: str, conversations: Sequence[Conversation],
                     completions: Sequence[str]) -> ray.ObjectRef:
         """Mean per-token NLL of each completion under ``member``'s model."""
-        return self.actor(member).score.remote(list(conversations), list(completions))
+        return self.actor(member).score.remote(list(conversations), list(completions), member)
 
     def async_debate(self, iteration: int, split: str, problems: Sequence[tuple[str, str]],
                      out_dir: str) -> ray.ObjectRef:

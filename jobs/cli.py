@@ -9,6 +9,7 @@
     mft stop                                                               stop it, release its resources
     mft status   RUN_DIR                                                   which stages and iterations are done
     mft plan     --config C [key.sub=value ...] [--nodes N ...]            resources and memory per GPU, checked
+    mft export   --run-dir D --iteration L --member generator_0 --out DIR   one LoRA agent as a full checkpoint
 
 ``mft <command> --help`` describes each. Exit codes (as the jobs): 0 done, 2 bad input (config, data,
 a missing service), 3 the cluster cannot hold the society, 4 a model failed to load or answer, 5 a finetune
@@ -31,6 +32,7 @@ from jobs.common import parse_config, run_cli
 from mft_ray.config import load_config
 from mft_ray.errors import EXIT_INPUT, ConfigError, EngineError
 from mft_ray.methods.registry import method_config
+from mft_ray.models.adapters import merge_adapter
 from mft_ray.run.plan import ClusterSpec, resource_plan
 from mft_ray.run.preflight import check_config
 from mft_ray.run.rundir import RunDir
@@ -241,6 +243,26 @@ def _plan(argv: Sequence[str]) -> None:
         raise ConfigError(f"the plan has {len(plan.problems)} problem(s); the first: {plan.problems[0]}")
 
 
+def _export(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mft export", description="Write one agent of a LoRA society (finetune.adapter: lora) as a full "
+        "Hugging Face checkpoint: its base model with its adapter merged in (--merge, the only mode).")
+    parser.add_argument("--run-dir", required=True, help="the run directory")
+    parser.add_argument("--iteration", type=int, required=True, help="which society (>= 1)")
+    parser.add_argument("--member", required=True, help="e.g. generator_0 or critic_2")
+    parser.add_argument("--out", required=True, help="a new directory for the merged checkpoint")
+    parser.add_argument("--merge", action="store_true", default=True, help="merge the adapter (default)")
+    args = parser.parse_args(argv)
+    run = RunDir(args.run_dir)
+    society = run.read_society(args.iteration, repair=False) if args.iteration >= 1 else None
+    if society is None:
+        raise ConfigError(f"--iteration {args.iteration}: {run.society_path(args.iteration)} is missing or broken")
+    if args.member not in society:
+        raise ConfigError(f"--member {args.member!r}: society {args.iteration} has {sorted(society)}")
+    out = merge_adapter(society[args.member], args.out)
+    print(f"wrote {out}: {args.member} of society {args.iteration} ({society[args.member]} merged into its base)")
+
+
 def _own(fn: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], int]:
     return lambda argv: run_cli(fn, list(argv))
 
@@ -255,6 +277,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "stop": (_own(_stop), "stop the debate service and release its resources"),
     "status": (_own(_status), "which stages and iterations of a run directory are done"),
     "plan": (_own(_plan), "a config's resources and memory per GPU on a described cluster, checked"),
+    "export": (_own(_export), "one agent of a LoRA society as a full Hugging Face checkpoint (merged)"),
 }
 
 

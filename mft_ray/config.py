@@ -225,6 +225,27 @@ def _critic_defaults() -> RoleTrainConfig:
     return RoleTrainConfig(learning_rate=5e-7, epochs=1)
 
 
+ADAPTERS = ("full", "lora")
+
+
+@dataclass
+class LoraConfig:
+    """A LoRA adapter's shape (``finetune.adapter: lora``; PEFT's LoraConfig): rank, scale, dropout, and the
+    linear layers it adapts (module names of the model, e.g. Llama's q_proj, k_proj, v_proj, o_proj)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def validate(self, prefix: str) -> None:
+        _check(self.rank >= 1, f"{prefix}.rank must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, f"{prefix}.alpha must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"{prefix}.dropout must lie in [0, 1), got {self.dropout}")
+        _check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
+               f"{prefix}.target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+
+
 @dataclass
 class FinetuneConfig:
     """Per-agent finetuning (Algorithm 1 lines 17-31). Defaults are the paper's Phi-3 settings."""
@@ -254,6 +275,10 @@ class FinetuneConfig:
     # Training-state checkpoints reported to Ray Train: 0 = at each epoch end; k > 0 = also every k
     # optimizer steps; null = none (a restarted or rerun finetune then starts over).
     checkpoint_every_steps: int | None = 0
+    # full: every agent is a whole finetuned copy of the model (the paper's method); lora: every agent is the
+    # frozen base model plus its own LoRA adapter (``lora``), and one engine can serve the whole society.
+    adapter: str = "full"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, prefix: str = "finetune") -> None:
         _check(self.iterations >= 0, f"{prefix}.iterations must be >= 0, got {self.iterations}")
@@ -275,6 +300,12 @@ class FinetuneConfig:
         _check(self.max_concurrent >= 0, f"{prefix}.max_concurrent must be >= 0 (0: as many as fit)")
         _check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 0,
                f"{prefix}.checkpoint_every_steps must be >= 0 or null, got {self.checkpoint_every_steps}")
+        _check(self.adapter in ADAPTERS, f"{prefix}.adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
+        self.lora.validate(f"{prefix}.lora")
+        # ZeRO-3 would shard the frozen base too, and the adapter export would have to gather it back.
+        _check(self.adapter != "lora" or self.zero_stage <= 2,
+               f"{prefix}.adapter=lora needs {prefix}.zero_stage <= 2 (got {self.zero_stage}): the adapters are "
+               "small, and ZeRO-3 would shard the frozen base model")
 
 
 @dataclass

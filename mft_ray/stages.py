@@ -32,6 +32,7 @@ from mft_ray.methods.datasets import build_sets, build_star_sets, star_requests
 from mft_ray.methods.registry import get_method, prompt_set, society_after, train_units
 from mft_ray.metrics import diversity
 from mft_ray.metrics.accuracy import evaluate_records
+from mft_ray.models.adapters import is_adapter
 from mft_ray.models.builtin import resolve_model_path
 from mft_ray.run.files import read_jsonl_checked, write_json_atomic, write_jsonl_atomic
 from mft_ray.run.records import debate_settings, read_records
@@ -204,17 +205,22 @@ def finetune_society(runtime: Runtime, config: Config, run: RunDir, iteration: i
     before = society_paths(config, run, iteration - 1) or {}  # the weights each member has now
     start = before if config.finetune.init_from == "previous" else {}
     jobs, trained = [], {}
+    lora = config.finetune.adapter == "lora"
     for unit in train_units(method, config.debate.agents):
         init = resolve_model_path(start[unit.members[0]]) if start else base
+        # LoRA: every adapter trains on the frozen base; init_from previous continues the agent's own adapter.
+        init, init_adapter = (base, init if is_adapter(init) else None) if lora else (init, None)
         data = run.dataset_path(iteration, unit.name)
         if data.stat().st_size == 0:
             # Nothing agreed with the majority (or the label): the unit keeps its weights this iteration.
-            logger.warning("iteration %d: %s has no finetuning examples; it keeps %s", iteration, unit.name, init)
-            trained[unit.name] = init
+            keeps = init_adapter or init
+            logger.warning("iteration %d: %s has no finetuning examples; it keeps %s", iteration, unit.name, keeps)
+            trained[unit.name] = keeps
             continue
         out = run.agent_dir(iteration, unit.name)
         jobs.append(FinetuneJob(unit.name, init, str(data), str(out),
-                                training_spec(config, unit.role, iteration, unit.index), iteration=iteration))
+                                training_spec(config, unit.role, iteration, unit.index), iteration=iteration,
+                                init_adapter=init_adapter))
         trained[unit.name] = str(out)
     # Members no unit trains (the critics of "w/o critic") keep their weights.
     kept = {m: resolve_model_path(before.get(m, base)) for m in society_members(config.debate.agents, False)}

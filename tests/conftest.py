@@ -144,13 +144,34 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def random_adapters(base: str, out: Path, n: int, rank: int = 8) -> list[str]:
+    """``n`` PEFT LoRA adapters of ``base`` in ``out`` with random (nonzero) B matrices, so that each one
+    changes the model (a new adapter's B is zero: it would equal the base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = []
+    for i in range(n):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        model.save_pretrained(out / f"agent_{i}")
+        paths.append(str(out / f"agent_{i}"))
+    return paths
+
+
 # `make test` runs two xdist workers with `--dist loadgroup --no-loadscope-reorder`: each file is one group
 # (one Ray start per module, on one worker), except the files that run Ray Train finetunes (and the real
 # model's), which share one group so that one worker runs them one after another while the other worker
 # takes every other file. Run at the same time they each took about twice as long on 2 cores (CI of 1ac1d83),
 # and one timed out. They go first, so the other worker's many short files fill the time beside them.
 RAY_TRAIN_FILES = ("tests/jobs/test_job_submit.py", "tests/integration/test_iterate.py",
-                   "tests/integration/test_faults.py")
+                   "tests/integration/test_faults.py", "tests/integration/test_lora.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

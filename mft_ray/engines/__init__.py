@@ -7,6 +7,8 @@ into directories first).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from mft_ray.config import ModelConfig
 from mft_ray.engines.base import Conversation, Engine, SamplingParams
 from mft_ray.engines.hf import HFEngine
@@ -17,13 +19,16 @@ from mft_ray.errors import EngineError, ScoringNotSupported
 __all__ = ["Conversation", "Engine", "EngineError", "SamplingParams", "ScoringNotSupported", "make_engine"]
 
 
-def make_engine(model: ModelConfig, path: str | None = None) -> Engine:
-    """Build the engine named by ``model.engine`` for ``path`` (default ``model.path``), already resolved.
+def make_engine(model: ModelConfig, path: str | None = None, adapters: Sequence[str] = ()) -> Engine:
+    """Build the engine named by ``model.engine`` for ``path`` (default ``model.path``), already resolved, with
+    the LoRA ``adapters`` (directories) it will serve over that base model.
 
     For ``engine: openai`` the path is the served model's name and is passed through untouched.
     """
     path = path or model.path
     if model.engine == "openai":
+        if adapters:
+            raise EngineError("engine 'openai' cannot serve local LoRA adapters (finetune.adapter=lora)")
         if not model.base_url:
             raise EngineError("model.base_url is required for engine 'openai'")
         return OpenAIEngine(path, model.base_url, api_key_env=model.api_key_env,
@@ -31,10 +36,10 @@ def make_engine(model: ModelConfig, path: str | None = None) -> Engine:
                             backoff_s=model.retry_backoff_s, max_concurrency=model.max_concurrency)
     if model.engine == "hf":
         return HFEngine(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
-                        max_batch_size=model.max_batch_size, static_cache=model.static_cache)
+                        max_batch_size=model.max_batch_size, static_cache=model.static_cache, adapters=adapters)
     if model.engine == "vllm":
         return VLLMEngine(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
                           tensor_parallel_size=model.tensor_parallel_size,
                           gpu_memory_utilization=model.gpu_memory_utilization,
-                          max_model_len=model.max_model_len, kv_cache_gb=model.kv_cache_gb)
+                          max_model_len=model.max_model_len, kv_cache_gb=model.kv_cache_gb, adapters=adapters)
     raise EngineError(f"model.engine: unknown engine {model.engine!r}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from mft_ray.errors import ScoringNotSupported
+from mft_ray.errors import EngineError, ScoringNotSupported
 
 if TYPE_CHECKING:
     from mft_ray.config import SamplingConfig
@@ -45,22 +45,38 @@ class Engine(abc.ABC):
     model_path: str
 
     @abc.abstractmethod
-    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[str]:
-        """Return one generated text per conversation, in order."""
+    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams,
+                 adapters: Sequence[str | None] | None = None) -> list[str]:
+        """Return one generated text per conversation, in order. ``adapters[i]`` names the LoRA adapter that
+        answers conversation i (one the engine was built with; None: the base model)."""
 
-    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str],
+              adapter: str | None = None) -> list[float | None]:
         """Mean per-token negative log-likelihood (nats) of each completion as this model's reply.
 
         Completion i is scored as the assistant turn that follows ``conversations[i]`` rendered with the
         chat template and the generation prompt, exactly as ``generate`` would continue it; only the
         completion's own tokens count (no end-of-turn token). None for a completion with no tokens.
-        Engines that cannot score raise ``ScoringNotSupported``.
+        ``adapter``: score under that LoRA adapter (one the engine was built with). Engines that cannot score
+        raise ``ScoringNotSupported``.
         """
         raise ScoringNotSupported(f"{type(self).__name__} ({self.model_path}) cannot score text: "
                                   "held-out NLL needs a local model (engine hf or vllm)")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release accelerator memory."""
+
+
+def adapter_list(adapters: Sequence[str | None] | None, n: int, known: Sequence[str]) -> list[str | None]:
+    """``adapters`` for ``n`` conversations (None: the base model for all), each one the engine knows."""
+    if adapters is None:
+        return [None] * n
+    if len(adapters) != n:
+        raise ValueError(f"{len(adapters)} adapters for {n} conversations")
+    unknown = sorted({a for a in adapters if a is not None} - set(known))
+    if unknown:
+        raise EngineError(f"this engine was not built with the LoRA adapter(s) {unknown} (it has {list(known)})")
+    return list(adapters)
 
 
 def native_bf16() -> bool:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from mft_ray.engines.base import Conversation, Engine, SamplingParams
+from mft_ray.engines.base import Conversation, Engine, SamplingParams, adapter_list
 from mft_ray.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -22,11 +23,14 @@ class HFEngine(Engine):
 
     Sorting by prompt length before batching keeps left padding small, which matters for critic
     rounds where conversations of very different lengths meet in one call.
+
+    ``adapters``: LoRA adapter directories (PEFT) loaded over the base model at start; each call's
+    conversations are answered in groups of one adapter (or the base model) at a time.
     """
 
     def __init__(self, path: str, dtype: str = "auto", device: str | None = None,
                  trust_remote_code: bool = False, max_batch_size: int = 256,
-                 static_cache: bool = False) -> None:
+                 static_cache: bool = False, adapters: Sequence[str] = ()) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -51,8 +55,40 @@ class HFEngine(Engine):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.adapters = list(dict.fromkeys(adapters))
+        if self.adapters:
+            from peft import PeftModel
+
+            try:
+                for i, adapter in enumerate(self.adapters):
+                    if i == 0:
+                        self.model = PeftModel.from_pretrained(self.model, adapter, adapter_name="a0")
+                    else:
+                        self.model.load_adapter(adapter, adapter_name=f"a{i}")
+            except (OSError, ValueError) as exc:
+                raise EngineError(f"cannot load LoRA adapter {adapter!r} over {path!r}: {exc}") from exc
         self.model.eval()
-        logger.info("HF engine: %s on %s (%s)", path, self.device, dtype)
+        logger.info("HF engine: %s on %s (%s)%s", path, self.device, dtype,
+                    f", {len(self.adapters)} LoRA adapters" if self.adapters else "")
+
+    @contextlib.contextmanager
+    def _adapter(self, adapter: str | None) -> Iterator[None]:
+        """Answer with ``adapter`` (None: the base model, every adapter switched off) inside the block."""
+        if not self.adapters:
+            yield
+        elif adapter is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(f"a{self.adapters.index(adapter)}")
+            yield
+
+    def _by_adapter(self, adapters: list[str | None], indices: Sequence[int]) -> list[tuple[str | None, list[int]]]:
+        """``indices`` grouped by their adapter, in order of first appearance (each group keeps its order)."""
+        groups: dict[str | None, list[int]] = {}
+        for i in indices:
+            groups.setdefault(adapters[i], []).append(i)
+        return list(groups.items())
 
     def render(self, conversations: Sequence[Conversation]) -> list[list[int]]:
         """Token ids of each conversation with the generation prompt appended."""
@@ -62,11 +98,13 @@ class HFEngine(Engine):
         # The template already holds any BOS text; adding special tokens again would double it.
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams,
+                 adapters: Sequence[str | None] | None = None) -> list[str]:
         import torch
 
         if not conversations:
             return []
+        which = adapter_list(adapters, len(conversations), self.adapters)
         prompts = self.render(conversations)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[str] = [""] * len(prompts)
@@ -79,19 +117,21 @@ class HFEngine(Engine):
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False)
-        for start in range(0, len(order), self.max_batch_size):
-            idx = order[start:start + self.max_batch_size]
-            batch = self.tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, return_tensors="pt")
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with torch.inference_mode():
-                gen = self.model.generate(**batch, **kwargs)
-            new = gen[:, batch["input_ids"].shape[1]:]
-            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            for i, text in zip(idx, texts):
-                out[i] = text
+        for adapter, group in self._by_adapter(which, order):
+            for start in range(0, len(group), self.max_batch_size):
+                idx = group[start:start + self.max_batch_size]
+                batch = self.tokenizer.pad({"input_ids": [prompts[i] for i in idx]}, return_tensors="pt")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with torch.inference_mode(), self._adapter(adapter):
+                    gen = self.model.generate(**batch, **kwargs)
+                new = gen[:, batch["input_ids"].shape[1]:]
+                texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+                for i, text in zip(idx, texts):
+                    out[i] = text
         return out
 
-    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str],
+              adapter: str | None = None) -> list[float | None]:
         """Mean per-token NLL of each completion after its rendered conversation (see ``Engine.score``).
 
         Sequences are left-padded, so every completion ends at the last position and only the last
@@ -102,6 +142,7 @@ class HFEngine(Engine):
 
         if len(conversations) != len(completions):
             raise ValueError(f"score: {len(conversations)} conversations but {len(completions)} completions")
+        adapter_list([adapter], 1, self.adapters)  # one this engine has
         prompts = self.render(conversations) if conversations else []
         targets = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
         out: list[float | None] = [None] * len(prompts)
@@ -126,7 +167,7 @@ class HFEngine(Engine):
             keep = max(len(targets[i]) for i in idx) + 1  # logits at t predict token t+1
             inputs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                           position_ids=positions.to(self.device))
-            with torch.inference_mode():
+            with torch.inference_mode(), self._adapter(adapter):
                 try:
                     logits = self.model(**inputs, logits_to_keep=keep).logits
                 except TypeError:  # a model class without logits_to_keep: slice the full logits

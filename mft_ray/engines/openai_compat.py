@@ -28,7 +28,7 @@ from typing import Any
 import httpx2 as httpx  # the HTTP library of the openai client (httpx 2)
 import openai
 
-from mft_ray.engines.base import Conversation, Engine, SamplingParams
+from mft_ray.engines.base import Conversation, Engine, SamplingParams, adapter_list
 from mft_ray.errors import EngineError, ScoringNotSupported
 
 logger = logging.getLogger(__name__)
@@ -128,10 +128,12 @@ class OpenAIEngine(Engine):
 
     # -- public API ---------------------------------------------------------------------------------
 
-    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams,
+                 adapters: Sequence[str | None] | None = None) -> list[str]:
         """One reply per conversation, in order; raises ``EngineError`` if any request fails for good."""
         if not conversations:
             return []
+        adapter_list(adapters, len(conversations), ())  # a served model has no local LoRA adapters
         abort = threading.Event()
         futures: list[Future[str]] = [
             self._pool.submit(self._complete, conv, sampling, sampling.derive("request", i).seed, abort)
@@ -153,7 +155,8 @@ class OpenAIEngine(Engine):
             raise EngineError(f"POST {self.public_url}: {self._redact(repr(exc))}") from exc
         return [f.result() for f in futures]
 
-    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str],
+              adapter: str | None = None) -> list[float | None]:
         """Not possible here: chat completions return no log-probabilities of text the caller supplies."""
         raise ScoringNotSupported(f"engine 'openai' ({self.model_path}) cannot score given text: chat completions "
                                   "return no log-probs of a supplied reply; set metrics.nll_problems=0 or "

@@ -15,31 +15,46 @@ has nothing to wait for. On CPU it also avoids two vLLM behaviours that do not s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from mft_ray.engines.base import Conversation, Engine, SamplingParams, native_bf16
+from mft_ray.engines.base import Conversation, Engine, SamplingParams, adapter_list, native_bf16
 from mft_ray.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_MAX_MODEL_LEN = 4096  # CPU: the per-step token budget must hold a whole prompt (see above)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def lora_rank(adapters: Sequence[str]) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds every adapter's rank (adapter_config.json's r)."""
+    ranks = [int(json.loads((Path(a) / "adapter_config.json").read_text()).get("r", 8)) for a in adapters]
+    need = max(ranks, default=8)
+    for rank in LORA_RANKS:
+        if rank >= need:
+            return rank
+    raise EngineError(f"LoRA rank {need} is above vLLM's largest max_lora_rank ({LORA_RANKS[-1]})")
 
 
 class VLLMEngine(Engine):
     """``vllm.LLM.chat`` over the whole batch (continuous batching), one seed per request.
 
     ``kv_cache_gb`` sizes the KV cache on CPU (vLLM's ``kv_cache_memory_bytes``; GPUs size it from
-    ``gpu_memory_utilization``).
+    ``gpu_memory_utilization``). ``adapters``: LoRA adapter directories served over the base model
+    (``enable_lora``, all of them resident at once); each request carries its own (``LoRARequest``), so the
+    members of a LoRA society share one batch.
     """
 
     def __init__(self, path: str, dtype: str = "auto", trust_remote_code: bool = False,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, kv_cache_gb: float | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, adapters: Sequence[str] = ()) -> None:
         # Read by vLLM when an engine starts (a user's own setting wins). In process: see the module doc.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         # The CPU build otherwise binds its OpenMP threads to cores it picks itself (keeping one free),
@@ -65,20 +80,31 @@ class VLLMEngine(Engine):
             kwargs.update(max_model_len=budget, enforce_eager=True, enable_chunked_prefill=False,
                           max_num_batched_tokens=max(budget, 2048),
                           kv_cache_memory_bytes=int((kv_cache_gb or 1.0) * 2**30))
+        self.adapters = list(dict.fromkeys(adapters))
+        if self.adapters:
+            from vllm.lora.request import LoRARequest
+
+            kwargs.update(enable_lora=True, max_loras=len(self.adapters), max_lora_rank=lora_rank(self.adapters))
+            self._lora = {a: LoRARequest(f"a{i}", i + 1, a) for i, a in enumerate(self.adapters)}
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 - vLLM raises many types; the actor reports one EngineError
             raise EngineError(f"vLLM could not load {path}: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
         self.tokenizer = self.llm.get_tokenizer()
-        logger.info("vLLM engine: %s on %s (%s, tp=%d)", path, "GPU" if self.on_gpu else "CPU", dtype,
-                    tensor_parallel_size)
+        logger.info("vLLM engine: %s on %s (%s, tp=%d)%s", path, "GPU" if self.on_gpu else "CPU", dtype,
+                    tensor_parallel_size, f", {len(self.adapters)} LoRA adapters" if self.adapters else "")
 
-    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams) -> list[str]:
+    def _requests(self, adapters: Sequence[str | None]) -> list[Any] | None:
+        return [self._lora[a] if a is not None else None for a in adapters] if self.adapters else None
+
+    def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams,
+                 adapters: Sequence[str | None] | None = None) -> list[str]:
         from vllm import SamplingParams as VSamplingParams
 
         if not conversations:
             return []
+        which = adapter_list(adapters, len(conversations), self.adapters)
         # One seed per request: a shared seed would give identical prompts identical samples, and members
         # sharing this engine send the same question in one batch.
         params = [
@@ -86,10 +112,20 @@ class VLLMEngine(Engine):
                             max_tokens=sampling.max_new_tokens, seed=(sampling.seed + i) % 2**63)
             for i in range(len(conversations))
         ]
-        outputs = self.llm.chat([list(c) for c in conversations], sampling_params=params, use_tqdm=False)
-        return [o.outputs[0].text for o in outputs]
+        # vLLM 0.32 (CPU) answers a request without a LoRA adapter with another request's adapter when the
+        # two share a batch (tested): the base model's requests go in a call of their own.
+        out: list[str] = [""] * len(conversations)
+        for part in ([i for i in range(len(which)) if which[i] is None], [i for i in range(len(which)) if which[i]]):
+            if part:
+                outputs = self.llm.chat([list(conversations[i]) for i in part], use_tqdm=False,
+                                        sampling_params=[params[i] for i in part],
+                                        lora_request=self._requests([which[i] for i in part]))
+                for i, o in zip(part, outputs):
+                    out[i] = o.outputs[0].text
+        return out
 
-    def score(self, conversations: Sequence[Conversation], completions: Sequence[str]) -> list[float | None]:
+    def score(self, conversations: Sequence[Conversation], completions: Sequence[str],
+              adapter: str | None = None) -> list[float | None]:
         """Mean per-token NLL of each completion (see ``Engine.score``) from vLLM's prompt log-probs.
 
         Prompt and completion are tokenized separately and concatenated, as the HF engine does, so the
@@ -113,7 +149,13 @@ class VLLMEngine(Engine):
         if not requests:
             return out
         params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        results = self.llm.generate(requests, params, use_tqdm=False)
+        if self.adapters:
+            # vLLM 0.32 (CPU) fails on prompt log-probs of several requests at once with LoRA enabled (a
+            # shape mismatch in the LoRA logits mapping): one request at a time, then.
+            lora = self._requests(adapter_list([adapter], 1, self.adapters))
+            results = [self.llm.generate([r], params, use_tqdm=False, lora_request=lora)[0] for r in requests]
+        else:
+            results = self.llm.generate(requests, params, use_tqdm=False)
         for (i, start), request, result in zip(where, requests, results):
             ids = request["prompt_token_ids"]
             logprobs = [result.prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids))]

@@ -8,6 +8,7 @@ shared plan loads it once instead of 2N+1 times.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 GENERATOR, CRITIC, SUMMARIZER = "generator", "critic", "summarizer"
 
@@ -23,13 +24,20 @@ class Member:
 
 @dataclass
 class EngineGroup:
-    """One engine (one actor) and the members it serves."""
+    """One engine (one actor) and the members it serves; ``adapters`` maps a member to the LoRA adapter it
+    answers with over ``model_path`` (members not in it answer with the model itself)."""
 
     model_path: str
     members: list[Member] = field(default_factory=list)
+    adapters: dict[Member, str] = field(default_factory=dict)
 
     def describe(self) -> str:
-        return f"{', '.join(str(m) for m in self.members)} <- {self.model_path}"
+        adapted = f" (+{len(self.adapters)} LoRA adapters)" if self.adapters else ""
+        return f"{', '.join(str(m) for m in self.members)} <- {self.model_path}{adapted}"
+
+
+def _whole(path: str) -> tuple[str, str | None]:
+    return path, None
 
 
 def society_members(agents: int, summarize: bool) -> list[Member]:
@@ -39,12 +47,22 @@ def society_members(agents: int, summarize: bool) -> list[Member]:
     return members
 
 
-def plan_engines(members: list[Member], model_paths: dict[Member, str], share_engine: bool) -> list[EngineGroup]:
-    """Group members into engines: one per distinct model path if sharing, else one per member."""
-    if not share_engine:
-        return [EngineGroup(model_paths[m], [m]) for m in members]
+def plan_engines(members: list[Member], model_paths: dict[Member, str], share_engine: bool,
+                 split: Callable[[str], tuple[str, str | None]] = _whole) -> list[EngineGroup]:
+    """Group members into engines: one per distinct base model if sharing, else one per member.
+
+    ``split`` turns a member's weights into (base model, LoRA adapter or None); members whose weights are
+    adapters of one base (a ``finetune.adapter: lora`` society) share that base's engine, each with its own
+    adapter. By default every path is a whole model.
+    """
     groups: dict[str, EngineGroup] = {}
+    planned = []
     for m in members:
-        path = model_paths[m]
-        groups.setdefault(path, EngineGroup(path)).members.append(m)
-    return list(groups.values())
+        base, adapter = split(model_paths[m])
+        group = groups.setdefault(base, EngineGroup(base)) if share_engine else EngineGroup(base)
+        if not share_engine or not group.members:
+            planned.append(group)
+        group.members.append(m)
+        if adapter is not None:
+            group.adapters[m] = adapter
+    return planned

@@ -17,6 +17,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from mft_ray.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "checkpoint_manifest.json"
@@ -112,14 +114,17 @@ def checkpoint_problem(path: str | os.PathLike, require_metrics: bool = True) ->
     """What makes ``path`` not a whole checkpoint, or None if it is one.
 
     ``require_metrics``: also require the finetune's ``train_metrics.json`` (what marks one of our
-    exports; a base model has none).
+    exports; a base model has none). A LoRA adapter directory (``adapter_config.json``) is checked the same
+    way, with its adapter weights in place of the model's.
     """
     root = Path(path)
     if not root.is_dir():
         return "no such directory"
-    if not (root / "config.json").is_file():
+    adapter = is_adapter(root)
+    head = ADAPTER_CONFIG if adapter else "config.json"
+    if not (root / head).is_file():
         return "no config.json"
-    names = ["config.json"] + ([METRICS_NAME] if require_metrics else [])
+    names = [head] + ([METRICS_NAME] if require_metrics else [])
     for name in names:
         if not (root / name).is_file():
             return f"no {name}"
@@ -140,6 +145,9 @@ def checkpoint_problem(path: str | os.PathLike, require_metrics: bool = True) ->
         # Exports of older versions carry no manifest: the metrics file was written last, so its
         # presence (checked above) still marks a finished export; the weights are checked below.
         logger.debug("%s has no %s", root, MANIFEST_NAME)
+    if adapter:
+        weights = root / ADAPTER_WEIGHTS
+        return safetensors_problem(weights) if weights.is_file() else f"no {ADAPTER_WEIGHTS}"
     return _weights_problem(root)
 
 

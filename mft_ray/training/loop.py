@@ -3,9 +3,10 @@
 One call finetunes one agent: it loads the initial checkpoint, encodes the agent's own examples with
 the model's chat template (loss on target turns only), trains with DeepSpeed (ZeRO stage from the
 config; torch.distributed is already set up by Ray Train: NCCL on GPU, gloo on CPU), and exports a
-Hugging Face checkpoint (model + tokenizer) to ``output_dir``. The export goes to a temporary sibling
-directory that rank 0 renames into place only when complete (with a manifest of its files, see
-``mft_ray.training.export``), so a crash never leaves a directory that looks finished.
+Hugging Face checkpoint (model + tokenizer; with ``finetune.adapter: lora`` the agent's LoRA adapter alone, the
+base frozen) to ``output_dir``. The export goes to a temporary sibling directory that rank 0 renames into
+place only when complete (with a manifest of its files, see ``mft_ray.training.export``), so a crash never
+leaves a directory that looks finished.
 
 Fault tolerance: at the end of every epoch (and every ``checkpoint_every_steps`` optimizer steps, if
 set) each worker saves DeepSpeed's full training state (weights, optimizer, scheduler) plus its place
@@ -88,6 +89,10 @@ def _fingerprint(job: FinetuneJob, examples: int, world: int) -> str:
     test-only fault hook); hashed as the flat dict earlier versions passed to the loop, so a run started by
     one of those still resumes."""
     keys = {**dataclasses.asdict(job.spec), "init_path": job.init_path, "data_path": job.data_path, "name": job.name}
+    if job.spec.lora is None:  # as before adapters existed, so a full finetune's checkpoint still matches
+        del keys["lora"]
+    else:
+        keys["init_adapter"] = job.init_adapter
     blob = json.dumps({"cfg": keys, "data": file_digest(job.data_path), "examples": examples, "world": world},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -233,6 +238,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+    if spec.lora is not None:
+        model = _with_adapter(model, job)
 
     encoded = [e for e in (encode_example(tokenizer, ex["messages"], spec.max_length)
                            for ex in read_examples(job.data_path)) if e is not None]
@@ -245,7 +252,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = max(1, total_micro // spec.grad_accum)
     every = spec.checkpoint_every_steps
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+    # With LoRA only the adapter's weights train (and have optimizer state); the base stays frozen.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=deepspeed_config(spec, total_steps))
     pad_id = tokenizer.pad_token_id
     probe = encoded[:LOSS_PROBE_EXAMPLES]
@@ -309,6 +318,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist.barrier()
 
 
+def _with_adapter(model: Any, job: FinetuneJob) -> Any:
+    """``model`` (the frozen base) with the job's LoRA adapter: the agent's previous one, trained further
+    (``init_adapter``), or a new one (PEFT initialises B to zero: the new agent starts as the base model)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    lora = job.spec.lora
+    if job.spec.gradient_checkpointing:
+        model.enable_input_require_grads()  # the frozen embeddings would otherwise cut the graph
+    if job.init_adapter is not None:
+        return PeftModel.from_pretrained(model, job.init_adapter, is_trainable=True)
+    return get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+
+
 def _export(engine: Any, model: Any, tokenizer: Any, job: FinetuneJob, metrics: dict, rank: int) -> None:
     """Write the HF checkpoint to a temporary sibling, then rename it to ``output_dir`` (rank 0)."""
     if job.spec.zero_stage == 3:
@@ -321,8 +344,12 @@ def _export(engine: Any, model: Any, tokenizer: Any, job: FinetuneJob, metrics: 
     tmp = partial_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     model_to_save = engine.module if hasattr(engine, "module") else model
-    model_to_save.save_pretrained(tmp, state_dict=state)
-    tokenizer.save_pretrained(tmp)
+    if job.spec.lora is not None:
+        # The adapter alone (adapter_config.json naming the base, adapter_model.safetensors): a few MB.
+        model_to_save.save_pretrained(tmp)
+    else:
+        model_to_save.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
     (tmp / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
     fsync_tree(tmp)
     write_manifest(tmp)  # last: lists every file with its size, so a later truncation is detected

@@ -17,7 +17,17 @@ from typing import Any
 from mft_ray.config import Config
 from mft_ray.society.members import GENERATOR
 
-__all__ = ["FinetuneJob", "TrainingSpec", "training_spec"]
+__all__ = ["FinetuneJob", "LoraSpec", "TrainingSpec", "training_spec"]
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA adapter a finetune trains instead of the whole model (``finetune.adapter: lora``)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class TrainingSpec:
     # Training-state checkpoints: 0 = at the end of each epoch but the last; k > 0 = also every k optimizer
     # steps; None = never (a restarted finetune then starts over).
     checkpoint_every_steps: int | None
+    lora: LoraSpec | None = None  # None: full finetuning
 
 
 def training_spec(config: Config, role: str, iteration: int, index: int) -> TrainingSpec:
@@ -63,7 +74,9 @@ def training_spec(config: Config, role: str, iteration: int, index: int) -> Trai
         zero_stage=ft.zero_stage, gradient_checkpointing=ft.gradient_checkpointing,
         bf16=ft.bf16 if ft.bf16 is not None else ft.gpus_per_worker > 0,
         trust_remote_code=config.model.trust_remote_code, seed=int.from_bytes(digest[:4], "little"),
-        checkpoint_every_steps=ft.checkpoint_every_steps)
+        checkpoint_every_steps=ft.checkpoint_every_steps,
+        lora=LoraSpec(ft.lora.rank, ft.lora.alpha, ft.lora.dropout, tuple(ft.lora.target_modules))
+        if ft.adapter == "lora" else None)
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,7 @@ class FinetuneJob:
     """One agent's finetune: where it starts, what it learns from, where its checkpoint goes, and how."""
 
     name: str  # e.g. "generator_0"
-    init_path: str  # the Hugging Face checkpoint training starts from
+    init_path: str  # the Hugging Face checkpoint training starts from (with LoRA: the frozen base model)
     data_path: str  # the agent's finetuning set (JSONL, one {"messages": [...]} per line)
     output_dir: str  # where the finished checkpoint is exported
     spec: TrainingSpec
@@ -79,6 +92,9 @@ class FinetuneJob:
     # Testing aid, never set by jobs: a directory where the loop parks after its first checkpoint
     # (``mft_ray.training.loop._fault_hook``). Not part of the job's identity for a resume.
     fault_hook: str | None = None
+    # LoRA only: the agent's adapter of the previous iteration, which training continues (init_from: previous);
+    # None starts a new adapter on ``init_path``.
+    init_adapter: str | None = None
 
     def describe(self) -> str:
         return f"{self.name} of iteration {self.iteration}" if self.iteration is not None else \
@@ -92,5 +108,7 @@ class FinetuneJob:
     def from_loop_config(cls, data: dict[str, Any]) -> FinetuneJob:
         """The job ``to_loop_config`` wrote (unknown or missing keys raise TypeError)."""
         data = dict(data)
-        spec = data.pop("spec")
-        return cls(**data, spec=TrainingSpec(**spec))
+        spec = dict(data.pop("spec"))
+        lora = spec.pop("lora", None)
+        lora = LoraSpec(**{**lora, "target_modules": tuple(lora["target_modules"])}) if lora is not None else None
+        return cls(**data, spec=TrainingSpec(**spec, lora=lora))

@@ -10,6 +10,7 @@ import pytest
 
 from mft_ray.engines.base import SamplingParams
 from mft_ray.models.builtin import resolve_model_path
+from tests.conftest import random_adapters
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +103,34 @@ def test_close_stops_the_engine_and_is_idempotent(smollm2: str) -> None:
     eng.close()
     assert eng.llm is None
     eng.close()
+
+
+def test_one_engine_serves_lora_adapters_per_request(smollm2: str, tmp_path_factory) -> None:
+    """A LoRA society on one engine: every request carries its member's adapter (None: the base model), in
+    one batch; each adapter's log-probs are the HF engine's (PEFT) for that adapter, and a mixed batch answers
+    as each adapter alone would."""
+    from mft_ray.engines.hf import HFEngine
+    from mft_ray.engines.vllm import VLLMEngine
+    from mft_ray.errors import EngineError
+
+    adapters = random_adapters(smollm2, tmp_path_factory.mktemp("adapters"), 2)
+    engine = VLLMEngine(smollm2, max_model_len=512, kv_cache_gb=0.25, adapters=adapters)
+    hf = HFEngine(smollm2, dtype="float32", device="cpu", adapters=adapters)
+    try:
+        config = engine.llm.llm_engine.vllm_config.lora_config
+        assert config is not None and config.max_loras == 2 and config.max_lora_rank == 8
+        completions = ["3 + 4 = 7.", "36", "2 is a prime number.", "-2"]
+        scores = {a: engine.score(CONVERSATIONS, completions, a) for a in (None, *adapters)}
+        for a, ours in scores.items():
+            for o, t in zip(ours, hf.score(CONVERSATIONS, completions, a)):
+                assert o == pytest.approx(t, rel=1e-3, abs=1e-3), a
+        assert len({tuple(round(v, 4) for v in s) for s in scores.values()}) == 3  # the adapters change the model
+        rows = [None, *adapters] * 2
+        mixed = engine.generate(CONVERSATIONS[:1] * len(rows), GREEDY, rows)
+        alone = {a: engine.generate(CONVERSATIONS[:1], GREEDY, [a])[0] for a in (None, *adapters)}
+        assert mixed == [alone[a] for a in rows]
+        with pytest.raises(EngineError, match="not built with the LoRA adapter"):
+            engine.generate(CONVERSATIONS[:1], GREEDY, ["/elsewhere"])
+    finally:
+        engine.close()
+        hf.close()

@@ -1,0 +1,183 @@
+"""A LoRA society (``finetune.adapter: lora``): every agent is the frozen base model plus its own adapter.
+
+Without Ray: the config and training spec, the engine plan (one engine for a whole LoRA society), the
+HF engine answering each row with its own adapter. On real Ray + Ray Train: one iteration of the mini
+testbed with 2 agents (4 adapters trained by DeepSpeed through PEFT), whose adapters differ from each other
+and from the base, served by one engine, and one of them exported as a merged checkpoint. The vLLM engine's
+adapters are tested in tests/engines/test_engine_vllm.py (the testbed's head size is too small for vLLM's
+CPU attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from mft_ray.config import load_config
+from mft_ray.engines.base import SamplingParams
+from mft_ray.errors import ConfigError, EngineError
+from mft_ray.models.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_base, split_weights
+from mft_ray.society.members import plan_engines, society_members
+from mft_ray.training.export import checkpoint_problem
+from tests.conftest import REPO, random_adapters
+
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
+QUESTION = [{"role": "user", "content": "What is 3 + 4?"}]
+
+
+def test_lora_settings_reach_the_training_spec_and_survive_ray_trains_loop_config():
+    from mft_ray.training.loop import _fingerprint
+    from mft_ray.training.spec import FinetuneJob, LoraSpec, training_spec
+
+    config = load_config(None, ["finetune.adapter=lora", "finetune.zero_stage=2", "finetune.lora.rank=4",
+                                "finetune.lora.target_modules=[q_proj,k_proj,v_proj]"])
+    spec = training_spec(config, "generator", 2, 0)
+    assert spec.lora == LoraSpec(rank=4, alpha=16.0, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj"))
+    job = FinetuneJob("generator_0", "/base", "/data.jsonl", "/out", spec, iteration=2, init_adapter="/it1/gen0")
+    assert FinetuneJob.from_loop_config(job.to_loop_config()) == job
+    assert training_spec(load_config(None, []), "generator", 1, 0).lora is None  # full finetuning by default
+    with pytest.raises(ConfigError, match="adapter=lora needs finetune.zero_stage <= 2"):
+        load_config(None, ["finetune.adapter=lora"])  # ZeRO-3 is the default
+    with pytest.raises(ConfigError, match="finetune.adapter must be one of"):
+        load_config(None, ["finetune.adapter=qlora"])
+    # A training-state checkpoint resumes only the same adapter training: same LoRA shape, same starting adapter.
+    lora = dataclasses.replace(job, data_path=__file__)
+    assert _fingerprint(lora, 10, 1) != _fingerprint(dataclasses.replace(lora, init_adapter=None), 10, 1)
+    assert _fingerprint(lora, 10, 1) != _fingerprint(dataclasses.replace(lora, spec=dataclasses.replace(
+        spec, lora=None)), 10, 1)
+
+
+def test_one_engine_serves_a_whole_lora_society_when_engines_are_shared(tmp_path):
+    adapters = {}
+    for name in ("generator_0", "generator_1", "critic_0", "critic_1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ADAPTER_CONFIG).write_text(json.dumps({"base_model_name_or_path": "/models/base", "r": 8}))
+        adapters[name] = str(tmp_path / name)
+    members = society_members(2, True)
+    paths = {m: adapters.get(str(m), "/models/base") for m in members}
+    (group,) = plan_engines(members, paths, True, split_weights)
+    assert group.model_path == "/models/base" and group.members == members
+    assert {str(m): a for m, a in group.adapters.items()} == adapters  # the summarizer is the base itself
+    separate = plan_engines(members, paths, False, split_weights)
+    assert len(separate) == 5 and all(g.model_path == "/models/base" for g in separate)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / ADAPTER_CONFIG).write_text("{}")
+    with pytest.raises(ConfigError, match="names no base model"):
+        adapter_base(tmp_path / "broken")
+
+
+def test_hf_engine_answers_each_row_with_its_own_adapter(testbed_mini, tmp_path_factory):
+    from mft_ray.engines.hf import HFEngine
+
+    adapters = random_adapters(testbed_mini, tmp_path_factory.mktemp("adapters"), 2)
+    plain = HFEngine(testbed_mini)
+    engine = HFEngine(testbed_mini, adapters=adapters)
+    rows = [None, *adapters, None]
+    mixed = engine.generate([QUESTION] * 4, GREEDY, rows)
+    base = plain.generate([QUESTION], GREEDY)[0]
+    assert mixed[0] == mixed[3] == base  # rows without an adapter: the base model, untouched
+    assert len(set(mixed[:3])) == 3  # each adapter answers differently
+    alone = [engine.generate([QUESTION], GREEDY, [a])[0] for a in adapters]
+    assert mixed[1:3] == alone
+    assert engine.score([QUESTION], ["3 + 4 = 7"]) == pytest.approx(plain.score([QUESTION], ["3 + 4 = 7"]))
+    assert engine.score([QUESTION], ["3 + 4 = 7"], adapters[0]) != engine.score([QUESTION], ["3 + 4 = 7"])
+    with pytest.raises(EngineError, match="not built with the LoRA adapter"):
+        engine.generate([QUESTION], GREEDY, ["/not/loaded"])
+    with pytest.raises(EngineError, match="not built with the LoRA adapter"):
+        plain.generate([QUESTION], GREEDY, [adapters[0]])
+
+
+def _agent_processes() -> int:
+    """Live agent-actor processes on this machine (Ray titles them ``ray::AgentActor...``), once the killed
+    actors of earlier societies are gone (waited for up to 30 s)."""
+    deadline = time.time() + 30
+    while True:
+        count = 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes()
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            count += title.startswith(b"ray::AgentActor") and state not in ("Z", "X")
+        if count <= 1 or time.time() > deadline:
+            return count
+        time.sleep(0.5)
+
+
+def _lora_weights(adapter: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(adapter) / ADAPTER_WEIGHTS))
+
+
+@pytest.mark.integration
+def test_a_lora_society_finetunes_and_debates_on_one_engine(ray_cluster, testbed_mini, tmp_path):
+    import ray
+
+    from actors.group import SocietyGroup
+    from jobs.cli import main as mft
+    from jobs.iterate import main as iterate
+    from mft_ray.engines.hf import HFEngine
+    from mft_ray.run.records import read_records
+    from mft_ray.run.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    config = load_config(REPO / "jobs/configs/iterate_cpu.yaml", [
+        f"run_dir={run_dir}", f"model.path={testbed_mini}", "finetune.iterations=1", "debate.agents=2",
+        "task.finetune_size=12", "task.eval_size=6", "debate.shard_size=12", "finetune.adapter=lora",
+        "finetune.zero_stage=2", "finetune.lora.rank=4", "finetune.generator.learning_rate=5e-3",
+        "finetune.critic.learning_rate=5e-3", "metrics.embedding=false", "metrics.nll_problems=0"])
+    summary = iterate(config)
+    assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
+
+    run = RunDir(run_dir)
+    society = run.read_society(1)
+    finetunes = json.loads(run.finetunes_path(1).read_text())
+    assert finetunes and set(finetunes) <= set(society)
+    weights = {}
+    for name in finetunes:  # every trained agent is an adapter of the base: a few files, whole, loss fell
+        adapter = society[name]
+        assert adapter == str(run.agent_dir(1, name)) and checkpoint_problem(adapter) is None
+        assert adapter_base(adapter) == testbed_mini and not (Path(adapter) / "config.json").exists()
+        assert finetunes[name]["loss_after"] < finetunes[name]["loss_before"], finetunes[name]
+        weights[name] = _lora_weights(adapter)
+        # A new adapter's B is zero (the base model); training moved it.
+        assert any(t.abs().max() > 0 for k, t in weights[name].items() if "lora_B" in k), name
+    names = sorted(weights)
+    for i, a in enumerate(names):  # each agent learnt its own adapter from its own data
+        for b in names[i + 1:]:
+            assert any((weights[a][k] - weights[b][k]).abs().max() > 0 for k in weights[a]), (a, b)
+
+    # Society 1 on one engine: one agent actor, holding every trained member's adapter.
+    with SocietyGroup(config, {m: society[str(m)] for m in society_members(2, True) if str(m) in society},
+                      name="lora-society") as group:
+        assert len(group.actors) == 1 and _agent_processes() == 1
+        info = ray.get(group.actors[0].info.remote())
+        assert info["model_path"] == testbed_mini and set(info["adapters"]) == set(finetunes)
+        out = tmp_path / "debate"
+        stats = ray.get(group.async_debate(1, "eval", [("p0", "What is 2 + 3?"), ("p1", "What is 4 + 4?")],
+                                           str(out)))
+    assert stats["shards"] == 1
+    records = read_records(out).to_pylist()
+    assert {(r["role"], r["agent"]) for r in records} == {(role, n) for role in ("generator", "critic", "summarizer")
+                                                          for n in range(2)}
+    # The evaluation debate of iteration 1 ran on the adapters too: it is on disk, complete.
+    assert len({r["problem_id"] for r in read_records(run.debate_dir(1, "eval")).to_pylist()}) == 6
+
+    # `mft export` merges one agent into a full checkpoint that answers as base + adapter does.
+    member = names[0]
+    merged = tmp_path / f"{member}-merged"
+    export = ["export", "--run-dir", str(run_dir), "--iteration", "1", "--member", member, "--out", str(merged)]
+    assert mft(export) == 0
+    assert checkpoint_problem(merged, require_metrics=False) is None
+    completion = ["2 + 3 = 5"]
+    full = HFEngine(str(merged)).score([QUESTION], completion)
+    adapted = HFEngine(testbed_mini, adapters=[society[member]]).score([QUESTION], completion, society[member])
+    assert full == pytest.approx(adapted, rel=1e-4)
+    assert mft(export) == 2  # never over an existing directory
