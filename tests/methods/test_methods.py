@@ -294,13 +294,17 @@ class SealedProblem:
         return self._answer
 
 
-def _fake_checkpoint(path: Path) -> Path:
+def _fake_checkpoint(path: Path, adapter_of: str | None = None) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    save_file({"w": np.zeros(1, dtype=np.float32)}, str(path / "model.safetensors"))
+    if adapter_of is not None:  # a LoRA adapter of that base
+        (path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": adapter_of, "r": 8}))
+        save_file({"w": np.zeros(1, dtype=np.float32)}, str(path / "adapter_model.safetensors"))
+    else:
+        (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        save_file({"w": np.zeros(1, dtype=np.float32)}, str(path / "model.safetensors"))
     (path / "train_metrics.json").write_text(json.dumps({"loss_before": 1.0, "loss_after": 0.5}))
     return path
 
@@ -359,8 +363,8 @@ def _drive(monkeypatch, run_dir: Path, model: str, method: str, *overrides: str)
 
     def fake_finetunes(jobs, *args, **kwargs):
         seen["jobs"].extend(jobs)
-        for j in jobs:  # a whole (if tiny) checkpoint, as the run directory's checks expect
-            _fake_checkpoint(Path(j.output_dir))
+        for j in jobs:  # a whole (if tiny) checkpoint or LoRA adapter, as the run directory's checks expect
+            _fake_checkpoint(Path(j.output_dir), adapter_of=j.init_path if j.spec.lora else None)
         return {j.name: {"examples": len(Path(j.data_path).read_text().splitlines()), "loss_before": 1.0,
                          "loss_after": 0.5} for j in jobs}
 
@@ -546,6 +550,26 @@ def test_star_runs_one_iteration_end_to_end_with_one_shared_checkpoint(ray_clust
     assert (checkpoint / "config.json").is_file()
     society = json.loads(run.society_path(1).read_text())
     assert society == {f"{r}_{n}": str(checkpoint) for r in (GENERATOR, CRITIC) for n in range(3)}
+
+
+@pytest.mark.parametrize("init_from", ["previous", "base"])
+def test_a_lora_agent_continues_its_own_adapter_on_the_frozen_base(init_from, monkeypatch, tmp_path, fake_model):
+    """finetune.adapter=lora: every finetune starts from the base model; from iteration 2 with
+    ``init_from: previous`` it continues the agent's own iteration-1 adapter, with ``base`` a new one. Society
+    1 (its adapters) debates the finetune split of iteration 2."""
+    run_dir = tmp_path / "run"
+    seen = _drive(monkeypatch, run_dir, fake_model, "multiagent_ft", "finetune.iterations=2",
+                  f"finetune.init_from={init_from}", "finetune.adapter=lora", "finetune.zero_stage=2")
+    first = {j.name: j for j in seen["jobs"] if j.iteration == 1}
+    second = {j.name: j for j in seen["jobs"] if j.iteration == 2}
+    assert first and set(second) == set(first)
+    assert all(j.init_path == fake_model and j.init_adapter is None and j.spec.lora for j in first.values())
+    for name, job in second.items():
+        assert job.init_path == fake_model
+        assert job.init_adapter == (str(run_dir / "iter_1" / name) if init_from == "previous" else None)
+    society_1 = json.loads((run_dir / "iter_1" / "society.json").read_text())
+    assert {str(m): p for m, p in seen["debates"][1][3].items()} == {**society_1, "summarizer": fake_model}
+    assert all((Path(p) / "adapter_config.json").is_file() for p in society_1.values())
 
 
 @pytest.mark.parametrize("init_from", ["previous", "base"])
