@@ -56,7 +56,7 @@ study: $(STAMP)
 # decoding on one thread, a process starting) while the other waits. The files that run Ray Train go first,
 # one after another on one worker (tests/conftest.py); --no-loadscope-reorder keeps that order.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/debate_throughput.py

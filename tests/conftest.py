@@ -165,20 +165,36 @@ def random_adapters(base: str, out: Path, n: int, rank: int = 8) -> list[str]:
     return paths
 
 
-# `make test` runs two xdist workers with `--dist loadgroup --no-loadscope-reorder`: each file is one group
+# `make test` runs two xdist workers, a scope at a time each (``GroupScheduling``): every test file is one scope
 # (one Ray start per module, on one worker), except the files that run Ray Train finetunes (and the real
-# model's), which share one group so that one worker runs them one after another while the other worker
-# takes every other file. Run at the same time they each took about twice as long on 2 cores (CI of 1ac1d83),
-# and one timed out. They go first, so the other worker's many short files fill the time beside them.
+# model's), which share one scope so that one worker runs them one after another while the other worker takes
+# every other file. Run at the same time they each took about twice as long on 2 cores (CI of 1ac1d83), and
+# one timed out. They go first, so the other worker's many short files fill the time beside them.
+# (xdist's own --dist loadgroup does not group anything under pytest 9.2 / xdist 3.8: tested.)
 RAY_TRAIN_FILES = ("tests/jobs/test_job_submit.py", "tests/integration/test_iterate.py",
                    "tests/integration/test_faults.py", "tests/integration/test_lora.py")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def path(item: pytest.Item) -> str:
-        return item.nodeid.split("::")[0]
+def _path(nodeid: str) -> str:
+    return nodeid.split("::")[0]
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("ray_train" if path(item) in RAY_TRAIN_FILES else path(item)))
-    # A stable sort: the Ray Train group first, every file's tests in their own order.
-    items.sort(key=lambda item: path(item) not in RAY_TRAIN_FILES)
+
+def _scope(nodeid: str) -> str:
+    return "ray_train" if _path(nodeid) in RAY_TRAIN_FILES else _path(nodeid)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A stable sort: the Ray Train files first, every file's tests in their own order.
+    items.sort(key=lambda item: _scope(item.nodeid) != "ray_train")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's load-scope scheduler with ``_scope`` as the scope (with --no-loadscope-reorder: in the order
+    collected, not largest first)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return GroupScheduling(config, log)
