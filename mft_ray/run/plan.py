@@ -17,6 +17,10 @@ the gradients, stage 3 also the weights)::
     buffers      2 GiB on a GPU (CUDA context, NCCL, allocator slack) + ZeRO's gather and reduce buckets at
                  DeepSpeed's defaults: min(P, 1e9 with ZeRO-3 else 5e8) * w + min(P, 5e8) * w (stages >= 1)
 
+With ``finetune.adapter: lora`` only the adapters' T parameters train: gradients and AdamW are those terms with
+T for P, the frozen weights stay P * w, and T = L * sum over target modules of r * (in + out), with in + out
+= 2h for attention projections and 5h for MLP ones (an upper bound for Llama's widths, GQA and MLP ratio).
+
 b, s: the largest micro-batch (``finetune.<role>.batch_size``) and ``max_length`` of the trained roles;
 h, L, V: hidden size, layers and vocabulary. A worker with a fraction g < 1 of a GPU shares it with 1/g
 workers. P and the shape come from the model's ``config.json`` when ``model.path`` is a local checkpoint
@@ -213,19 +217,31 @@ def _shape_from_config_json(path: Path) -> ModelShape | None:
                       f"config.json of {path.parent}")
 
 
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "mlp")
+
+
+def lora_parameters(shape: ModelShape, rank: int, target_modules: list[str]) -> float:
+    """T, the trainable parameters of one agent's LoRA adapter (module docstring)."""
+    widths = sum((5 if any(k in name for k in MLP_MODULES) else 2) * shape.hidden for name in target_modules)
+    return float(shape.layers * rank * widths)
+
+
 def finetune_memory_gb(shape: ModelShape, workers: int, zero_stage: int, bf16: bool, checkpointing: bool,
-                       micro_batch: int, max_length: int, gpu: bool = True) -> dict[str, float]:
-    """The module docstring's formula for one worker, in GiB: each term and ``total``."""
+                       micro_batch: int, max_length: int, gpu: bool = True,
+                       trainable: float | None = None) -> dict[str, float]:
+    """The module docstring's formula for one worker, in GiB: each term and ``total``. ``trainable``: the
+    parameters that train (a LoRA adapter's T; default every parameter)."""
     p, w = shape.parameters, 2 if bf16 else 4
+    t = p if trainable is None else trainable
     tokens = micro_batch * max_length
     per_layer = shape.hidden * w * 17
     terms = {
         "weights": p * w / (workers if zero_stage == 3 else 1),
-        "gradients": p * w / (workers if zero_stage >= 2 else 1),
-        "AdamW": p * (12 if bf16 else 8) / (workers if zero_stage >= 1 else 1),
+        "gradients": t * w / (workers if zero_stage >= 2 else 1),
+        "AdamW": t * (12 if bf16 else 8) / (workers if zero_stage >= 1 else 1),
         "activations": tokens * (shape.hidden * w * shape.layers + per_layer if checkpointing else
                                  per_layer * shape.layers) + tokens * shape.vocab * (w + 8),
-        "buffers": 2 * GIB * gpu + (min(p, 1e9 if zero_stage == 3 else 5e8) * w + min(p, 5e8) * w if zero_stage
+        "buffers": 2 * GIB * gpu + (min(p, 1e9 if zero_stage == 3 else 5e8) * w + min(t, 5e8) * w if zero_stage
                                     else 0),
     }
     out = {k: v / GIB for k, v in terms.items()}
@@ -261,8 +277,9 @@ def _societies(config: Config) -> tuple[list[SocietyPlan], int]:
         for stage in ("evaluate", "collect"):
             debate = method_config(config, stage).debate
             members = society_members(debate.agents, debate.summarize)
-            paths = {m: BASE if kind.startswith("iteration 0") or m.role == SUMMARIZER else unit_of.get(m, BASE)
-                     for m in members}
+            # A LoRA society's finetuned members are adapters of the base: with shared engines, one engine.
+            base_only = kind.startswith("iteration 0") or config.finetune.adapter == "lora"
+            paths = {m: BASE if base_only or m.role == SUMMARIZER else unit_of.get(m, BASE) for m in members}
             engines = len(plan_engines(members, paths, res.share_engine))
             if kind not in plans or engines > plans[kind].engines:
                 plans[kind] = SocietyPlan(kind, len(members), engines, res.num_gpus_per_agent, res.num_cpus_per_agent)
@@ -318,8 +335,9 @@ def resource_plan(config: Config, cluster: ClusterSpec | None = None) -> Resourc
     batch, length = max(r.batch_size for r in roles), max(r.max_length for r in roles)
     memory = None
     if shape is not None:
+        trainable = lora_parameters(shape, ft.lora.rank, ft.lora.target_modules) if ft.adapter == "lora" else None
         memory = finetune_memory_gb(shape, ft.num_workers, ft.zero_stage, bf16, ft.gradient_checkpointing, batch,
-                                    length, gpu=ft.gpus_per_worker > 0)
+                                    length, gpu=ft.gpus_per_worker > 0, trainable=trainable)
         if 0 < ft.gpus_per_worker < 1:  # several workers share each GPU
             memory = {k: v / ft.gpus_per_worker for k, v in memory.items()}
     at_once = None

@@ -12,7 +12,7 @@ import pytest
 from jobs import cli
 from mft_ray.config import load_config
 from mft_ray.errors import ConfigError
-from mft_ray.run.plan import GIB, ClusterSpec, ModelShape, finetune_memory_gb, model_shape, resource_plan
+from mft_ray.run.plan import GIB, ClusterSpec, ModelShape, finetune_memory_gb, lora_parameters, model_shape, resource_plan
 from mft_ray.run.preflight import check_config, check_resources
 from tests.conftest import REPO
 
@@ -104,6 +104,28 @@ def test_memory_formula_partitions_by_zero_stage() -> None:
     without = finetune_memory_gb(shape, 4, 3, True, False, 1, 1024)
     assert without["activations"] > by_stage[3]["activations"]  # gradient checkpointing saves memory
     assert all(abs(m["total"] - sum(v for k, v in m.items() if k != "total")) < 1e-9 for m in by_stage.values())
+
+
+def test_a_lora_finetune_trains_only_its_adapter_and_its_society_shares_one_engine() -> None:
+    """An 8B finetune on one 80 GB GPU: refused in full (AdamW states of every weight), planned with LoRA (only
+    the adapter's gradients and optimizer states); the finetuned LoRA society shares the base's engine."""
+    full = load_config(LLAMA3, ["finetune.num_workers=1", "finetune.zero_stage=2"])
+    with pytest.raises(ConfigError, match="a finetune needs an estimated"):
+        check_resources(full)
+    lora = load_config(LLAMA3, ["finetune.num_workers=1", "finetune.zero_stage=2", "finetune.adapter=lora",
+                                "finetune.lora.rank=16"])
+    check_resources(lora)
+    shape = model_shape(lora)
+    t = lora_parameters(shape, 16, ["q_proj", "v_proj"])
+    assert t == shape.layers * 16 * 4 * shape.hidden and t < shape.parameters / 100
+    memory = resource_plan(lora).finetune.memory_gb
+    assert memory["AdamW"] == pytest.approx(t * 12 / GIB)
+    assert memory["weights"] == pytest.approx(shape.parameters * 2 / GIB)
+    shared = load_config(LLAMA3, ["finetune.zero_stage=2", "finetune.adapter=lora", "resources.share_engine=true"])
+    engines = {s.kind: s.engines for s in resource_plan(shared).societies}
+    assert engines == {"iteration 0 (base model)": 1, "finetuned (iterations >= 1)": 1}
+    full_shared = load_config(LLAMA3, ["finetune.zero_stage=2", "resources.share_engine=true"])
+    assert {s.kind: s.engines for s in resource_plan(full_shared).societies}["finetuned (iterations >= 1)"] == 7
 
 
 def test_gpu_inference_with_cpu_finetunes_is_refused() -> None:
