@@ -74,7 +74,7 @@ def main() -> None:
     configs = {mode: load_config(Path(__file__).resolve().parents[1] / "jobs/configs/smollm2_cpu.yaml",
                                  [*common, f"finetune.adapter={mode}", f"run_dir={work / mode}"])
                for mode in ("full", "lora")}
-    base = build_builtin_model(configs["full"].model.path)
+    build_builtin_model(configs["full"].model.path)  # once, in this process, with every core
     runtime = connect_ray()
     task = make_task(configs["full"].task)
     problems = make_splits(task, configs["full"].task).finetune
