@@ -1,6 +1,7 @@
 """Launch the 2N per-agent finetunes of an iteration with Ray Train (TorchTrainer + DeepSpeed).
 
-Each finetune is its own TorchTrainer with its own ScalingConfig. Their ``fit()`` calls run in
+Each finetune is its own TorchTrainer with its own ScalingConfig (a LoRA society's adapters may instead be
+one TorchTrainer for all of them, ``together``). Their ``fit()`` calls run in
 separate Ray tasks, as many at once as the cluster holds (``finetune.max_concurrent`` lowers that); the
 rest wait here and start as earlier ones finish. (Handing Ray Train more worker groups than fit makes
 the extra ones time out waiting for workers and restart, over and over, while they compete for the
@@ -32,6 +33,7 @@ import actors.placement as placement  # as a module: tests replace its cluster r
 from mft_ray.errors import FinetuneError, PlacementError
 from mft_ray.run.files import partial_path
 from mft_ray.training.export import checkpoint_problem, read_train_metrics
+from mft_ray.training.joint_lora import train_adapters_per_worker
 from mft_ray.training.loop import train_loop_per_worker
 from mft_ray.training.spec import FinetuneJob
 
@@ -53,19 +55,24 @@ def _usable_storage(experiment: Path) -> bool:
 
 
 @ray.remote(num_cpus=0)
-def _fit(job: FinetuneJob, workers: int, cpus: float, gpus: float, max_failures: int,
-         storage_path: str) -> dict[str, Any]:
-    experiment = Path(storage_path) / job.name
+def _fit(jobs: list[FinetuneJob], workers: int, cpus: float, gpus: float, max_failures: int,
+         storage_path: str) -> dict[str, dict[str, Any]]:
+    """One Ray Train run: a finetune (one job), or the LoRA adapters of an iteration trained together
+    (several jobs, ``mft_ray.training.joint_lora``); each job's training metrics."""
+    together = len(jobs) > 1
+    name = "adapters" if together else jobs[0].name
+    what = f"the adapters {', '.join(j.name for j in jobs)}" if together else jobs[0].describe()
+    experiment = Path(storage_path) / name
     if not _usable_storage(experiment):
         logger.warning("finetune %s: the Ray Train run in %s is broken (unreadable snapshot or missing "
-                       "checkpoint); discarding it and training from the start", job.describe(), experiment)
+                       "checkpoint); discarding it and training from the start", what, experiment)
         shutil.rmtree(experiment, ignore_errors=True)
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=job.to_loop_config(),
+        train_adapters_per_worker if together else train_loop_per_worker,
+        train_loop_config={"jobs": [j.to_loop_config() for j in jobs]} if together else jobs[0].to_loop_config(),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
-        run_config=RunConfig(name=job.name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures),
                              # The latest state is all a restart needs; older ones only cost disk.
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
@@ -73,18 +80,21 @@ def _fit(job: FinetuneJob, workers: int, cpus: float, gpus: float, max_failures:
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - every failure gets the same clear message and clean-up
-        shutil.rmtree(partial_path(job.output_dir), ignore_errors=True)  # where the loop exports before the rename
+        for job in jobs:  # where the loop exports before the rename
+            shutil.rmtree(partial_path(job.output_dir), ignore_errors=True)
+        outputs = ", ".join(j.output_dir for j in jobs)
         raise FinetuneError(
-            f"finetune {job.describe()} failed (finetune.max_failures={max_failures} restarts allowed): "
-            f"{_cause(exc).rstrip('.')}. Nothing was exported to {job.output_dir}; a rerun resumes from its latest Ray "
+            f"finetune {what} failed (finetune.max_failures={max_failures} restarts allowed): "
+            f"{_cause(exc).rstrip('.')}. Nothing was exported to {outputs}; a rerun resumes from its latest Ray "
             f"Train checkpoint in {experiment}, if one was saved") from None
-    why = checkpoint_problem(job.output_dir)
-    if why is not None:
-        raise FinetuneError(f"finetune {job.describe()} finished but its checkpoint {job.output_dir} is not "
-                            f"whole: {why}")
+    for job in jobs:
+        why = checkpoint_problem(job.output_dir)
+        if why is not None:
+            raise FinetuneError(f"finetune {job.describe()} finished but its checkpoint {job.output_dir} is not "
+                                f"whole: {why}")
     # Exported: the training-state checkpoints (optimizer states included) are no longer needed.
     shutil.rmtree(experiment, ignore_errors=True)
-    return read_train_metrics(job.output_dir)
+    return {job.name: read_train_metrics(job.output_dir) for job in jobs}
 
 
 def _cause(exc: BaseException) -> str:
@@ -124,10 +134,11 @@ def concurrent_slots(workers: int, cpus_per_worker: float, gpus_per_worker: floa
 
 
 def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, cpus_per_worker: float = 1.0,
-                  gpus_per_worker: float = 0.0, max_failures: int = 0,
-                  max_concurrent: int = 0) -> dict[str, dict[str, Any]]:
+                  gpus_per_worker: float = 0.0, max_failures: int = 0, max_concurrent: int = 0,
+                  together: bool = False) -> dict[str, dict[str, Any]]:
     """Run every job not already complete, as many at once as fit (at most ``max_concurrent`` if > 0);
-    return each job's training metrics.
+    return each job's training metrics. ``together``: the unfinished jobs (LoRA adapters of one base) are
+    one Ray Train run over one copy of the base (``mft_ray.training.joint_lora``).
 
     ``storage_path`` holds the Ray Train runs (``RunDir.ray_train_dir``): a killed finetune resumes there."""
     results: dict[str, dict[str, Any]] = {}
@@ -145,6 +156,15 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
     if not todo:
         return results
     check_finetunes_fit(workers, cpus_per_worker, gpus_per_worker)
+    if together and len(todo) > 1:
+        if any(j.spec.lora is None or j.init_path != todo[0].init_path for j in todo):
+            raise FinetuneError("adapters trained together must all be LoRA finetunes of one base model")
+        start = time.time()
+        logger.info("%d LoRA adapters trained together in one run: %s", len(todo), ", ".join(j.name for j in todo))
+        results.update(ray.get(_fit.remote(todo, workers, cpus_per_worker, gpus_per_worker, max_failures,
+                                           storage_path)))
+        logger.info("adapters done in %.0fs", time.time() - start)
+        return results
     slots = concurrent_slots(workers, cpus_per_worker, gpus_per_worker, placement.physical(ray.cluster_resources()))
     if max_concurrent > 0:
         slots = min(slots, max_concurrent)
@@ -154,10 +174,10 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
     while todo or pending:
         while todo and len(pending) < slots:
             job = todo.pop(0)
-            pending[_fit.remote(job, workers, cpus_per_worker, gpus_per_worker, max_failures, storage_path)] = job
+            pending[_fit.remote([job], workers, cpus_per_worker, gpus_per_worker, max_failures, storage_path)] = job
         done, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(done[0])
-        results[job.name] = ray.get(done[0])
+        results.update(ray.get(done[0]))
         m = results[job.name]
         logger.info("finetune %s done (%d/%d, %.0fs): %d examples, loss %.4f -> %.4f", job.name,
                     total - len(pending) - len(todo), total, time.time() - start, m["examples"], m["loss_before"],

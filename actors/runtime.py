@@ -108,7 +108,8 @@ class RayRuntime:
 
     def finetune(self, jobs: Sequence[FinetuneJob], finetune: FinetuneConfig, storage_path: str) -> dict[str, Any]:
         return run_finetunes(list(jobs), storage_path, finetune.num_workers, finetune.cpus_per_worker,
-                             finetune.gpus_per_worker, finetune.max_failures, finetune.max_concurrent)
+                             finetune.gpus_per_worker, finetune.max_failures, finetune.max_concurrent,
+                             together=finetune.adapter == "lora" and finetune.adapters_together)
 
 
 def init_ray() -> None:

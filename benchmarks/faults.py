@@ -161,9 +161,9 @@ def train_worker_kills(work: Path, model: str) -> dict[str, Any]:
     job = _finetune_job(work, model, "recover", hook)
     ref, _ = _kill_worker_after_first_checkpoint(job, 1, hook)
     result["injected"] += 1
-    metrics = ray.get(ref, timeout=600)
+    metrics = ray.get(ref, timeout=600)[job.name]
     clean = _finetune_job(work, model, "clean", None)
-    ray.get(_fit.remote(clean, 1, 0.5, 0.0, 0, str(Path(clean.output_dir).parent / "ray_train")))
+    ray.get(_fit.remote([clean], 1, 0.5, 0.0, 0, str(Path(clean.output_dir).parent / "ray_train")))
     same = not _differs(_params(job.output_dir), _params(clean.output_dir))
     result["max_failures_1"] = {"resumed_after_micro_batches": metrics.get("resumed_after_micro_batches"),
                                 "weights_equal_uninterrupted": same}

@@ -279,6 +279,9 @@ class FinetuneConfig:
     # frozen base model plus its own LoRA adapter (``lora``), and one engine can serve the whole society.
     adapter: str = "full"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # lora: the iteration's adapters train together in one Ray Train run over one copy of the base
+    # (mft_ray.training.joint_lora); false: one finetune per agent, as full finetuning does.
+    adapters_together: bool = True
 
     def validate(self, prefix: str = "finetune") -> None:
         _check(self.iterations >= 0, f"{prefix}.iterations must be >= 0, got {self.iterations}")

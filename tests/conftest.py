@@ -144,7 +144,7 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def random_adapters(base: str, out: Path, n: int, rank: int = 8) -> list[str]:
+def random_adapters(base: str, out: Path, n: int, rank: int = 8, scale: float = 0.05) -> list[str]:
     """``n`` PEFT LoRA adapters of ``base`` in ``out`` with random (nonzero) B matrices, so that each one
     changes the model (a new adapter's B is zero: it would equal the base)."""
     import torch
@@ -159,42 +159,7 @@ def random_adapters(base: str, out: Path, n: int, rank: int = 8) -> list[str]:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
         model.save_pretrained(out / f"agent_{i}")
         paths.append(str(out / f"agent_{i}"))
     return paths
-
-
-# `make test` runs two xdist workers, a scope at a time each (``GroupScheduling``): every test file is one scope
-# (one Ray start per module, on one worker), except the files that run Ray Train finetunes (and the real
-# model's), which share one scope so that one worker runs them one after another while the other worker takes
-# every other file. Run at the same time they each took about twice as long on 2 cores (CI of 1ac1d83), and
-# one timed out. They go first, so the other worker's many short files fill the time beside them.
-# (xdist's own --dist loadgroup does not group anything under pytest 9.2 / xdist 3.8: tested.)
-RAY_TRAIN_FILES = ("tests/jobs/test_job_submit.py", "tests/integration/test_iterate.py",
-                   "tests/integration/test_faults.py", "tests/integration/test_lora.py")
-
-
-def _path(nodeid: str) -> str:
-    return nodeid.split("::")[0]
-
-
-def _scope(nodeid: str) -> str:
-    return "ray_train" if _path(nodeid) in RAY_TRAIN_FILES else _path(nodeid)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # A stable sort: the Ray Train files first, every file's tests in their own order.
-    items.sort(key=lambda item: _scope(item.nodeid) != "ray_train")
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """xdist's load-scope scheduler with ``_scope`` as the scope (with --no-loadscope-reorder: in the order
-    collected, not largest first)."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class GroupScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return _scope(nodeid)
-
-    return GroupScheduling(config, log)

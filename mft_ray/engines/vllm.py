@@ -86,11 +86,16 @@ class VLLMEngine(Engine):
 
             kwargs.update(enable_lora=True, max_loras=len(self.adapters), max_lora_rank=lora_rank(self.adapters))
             self._lora = {a: LoRARequest(f"a{i}", i + 1, a) for i, a in enumerate(self.adapters)}
+        set_num_threads = torch.set_num_threads
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 - vLLM raises many types; the actor reports one EngineError
             raise EngineError(f"vLLM could not load {path}: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
+        if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind":
+            # vLLM's CPU worker disables torch.set_num_threads for the whole process, to keep its thread
+            # binding; with no binding that only breaks everything else in the process that sets threads.
+            torch.set_num_threads = set_num_threads
         self.tokenizer = self.llm.get_tokenizer()
         logger.info("vLLM engine: %s on %s (%s, tp=%d)%s", path, "GPU" if self.on_gpu else "CPU", dtype,
                     tensor_parallel_size, f", {len(self.adapters)} LoRA adapters" if self.adapters else "")

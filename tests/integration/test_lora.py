@@ -2,10 +2,10 @@
 
 Without Ray: the config and training spec, the engine plan (one engine for a whole LoRA society), the
 HF engine answering each row with its own adapter. On real Ray + Ray Train: one iteration of the mini
-testbed with 2 agents (4 adapters trained by DeepSpeed through PEFT), whose adapters differ from each other
-and from the base, served by one engine, and one of them exported as a merged checkpoint. The vLLM engine's
-adapters are tested in tests/engines/test_engine_vllm.py (the testbed's head size is too small for vLLM's
-CPU attention).
+testbed with 2 agents (their adapters trained together in one Ray Train run over one copy of the base),
+whose adapters differ from each other and from the base, served by one engine, and one of them exported as a
+merged checkpoint. The vLLM engine's adapters are tested in tests/engines/test_engine_vllm.py (the testbed's
+head size is too small for vLLM's CPU attention).
 """
 
 from __future__ import annotations
@@ -52,6 +52,19 @@ def test_lora_settings_reach_the_training_spec_and_survive_ray_trains_loop_confi
         spec, lora=None)), 10, 1)
 
 
+def test_adapters_trained_together_take_turns_each_on_its_own_batches():
+    from mft_ray.training.joint_lora import schedule
+
+    order = schedule({"generator_0": 10, "critic_0": 4}, {"generator_0": 4, "critic_0": 4},
+                     {"generator_0": 2, "critic_0": 1}, world=1)
+    # Epoch by epoch, the agents in turn; an agent with fewer epochs (or batches) drops out of the rotation.
+    assert order == [("generator_0", 0, 0), ("critic_0", 0, 0), ("generator_0", 0, 1), ("generator_0", 0, 2),
+                     ("generator_0", 1, 0), ("generator_0", 1, 1), ("generator_0", 1, 2)]
+    two = schedule({"generator_0": 10, "critic_0": 4}, {"generator_0": 4, "critic_0": 4},
+                   {"generator_0": 1, "critic_0": 1}, world=2)  # each rank takes half of every agent's examples
+    assert two == [("generator_0", 0, 0), ("critic_0", 0, 0), ("generator_0", 0, 1)]
+
+
 def test_one_engine_serves_a_whole_lora_society_when_engines_are_shared(tmp_path):
     adapters = {}
     for name in ("generator_0", "generator_1", "critic_0", "critic_1"):
@@ -74,7 +87,8 @@ def test_one_engine_serves_a_whole_lora_society_when_engines_are_shared(tmp_path
 def test_hf_engine_answers_each_row_with_its_own_adapter(testbed_mini, tmp_path_factory):
     from mft_ray.engines.hf import HFEngine
 
-    adapters = random_adapters(testbed_mini, tmp_path_factory.mktemp("adapters"), 2)
+    # Large random B matrices: on this small model each adapter then changes the greedy reply itself.
+    adapters = random_adapters(testbed_mini, tmp_path_factory.mktemp("adapters"), 2, scale=0.5)
     plain = HFEngine(testbed_mini)
     engine = HFEngine(testbed_mini, adapters=adapters)
     rows = [None, *adapters, None]
@@ -140,6 +154,8 @@ def test_a_lora_society_finetunes_and_debates_on_one_engine(ray_cluster, testbed
     society = run.read_society(1)
     finetunes = json.loads(run.finetunes_path(1).read_text())
     assert finetunes and set(finetunes) <= set(society)
+    # One Ray Train run trained every adapter over one copy of the base (mft_ray.training.joint_lora).
+    assert all(m["adapters_together"] == len(finetunes) for m in finetunes.values()), finetunes
     weights = {}
     for name in finetunes:  # every trained agent is an adapter of the base: a few files, whole, loss fell
         adapter = society[name]

@@ -12,7 +12,8 @@ import pytest
 from jobs import cli
 from mft_ray.config import load_config
 from mft_ray.errors import ConfigError
-from mft_ray.run.plan import GIB, ClusterSpec, ModelShape, finetune_memory_gb, lora_parameters, model_shape, resource_plan
+from mft_ray.run.plan import (GIB, ClusterSpec, ModelShape, finetune_memory_gb, lora_parameters, model_shape,
+                              resource_plan)
 from mft_ray.run.preflight import check_config, check_resources
 from tests.conftest import REPO
 
