@@ -108,10 +108,11 @@ class DebateService:
     async def next_events(self, question_id: str, cursor: int, timeout_s: float = 10.0) -> dict[str, Any]:
         """Events of ``question_id`` from ``cursor`` on, waiting up to ``timeout_s`` (at most 60) for one.
 
-        Returns {"events": [...], "done": bool}; once done, no event follows.
+        Returns {"events": [...], "done": bool, "sent": when this reply left the service}; once done, no
+        event follows.
         """
         events, done = await self.streams.get(question_id).read(cursor, min(float(timeout_s), 60.0))
-        return {"events": events, "done": done}
+        return {"events": events, "done": done, "sent": time.time()}
 
     async def forget(self, question_id: str) -> None:
         """The asker has read everything: drop the question's events now instead of after keep_s."""
@@ -243,8 +244,8 @@ class DebateClient:
     def ask(self, question: str, seed: int = 0, timeout_s: float | None = None,
             poll_s: float = 10.0) -> Iterator[Event]:
         """Ask ``question``; yields the start event, every round's responses (summaries too), then the
-        final majority answer (or an error event). Raises TimeoutError after ``timeout_s`` without the
-        end, ServiceError if the service dies."""
+        final majority answer (or an error event), each with ``sent``: when the service handed it over.
+        Raises TimeoutError after ``timeout_s`` without the end, ServiceError if the service dies."""
         question_id = self._get(self.handle.start.remote(question, seed))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         cursor = 0
@@ -253,7 +254,7 @@ class DebateClient:
                 wait = poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic()))
                 batch = self._get(self.handle.next_events.remote(question_id, cursor, wait))
                 for event in batch["events"]:
-                    yield event
+                    yield {**event, "sent": batch["sent"]}
                 cursor += len(batch["events"])
                 if batch["done"]:
                     return

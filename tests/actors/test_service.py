@@ -154,9 +154,10 @@ def _check_stream(events: list[dict], question: str, agents: int = 3, rounds: in
     critics = {e["agent"]: e["answer"] for e in events if e["type"] == "response" and e["round"] == rounds}
     assert final["answers"] == [critics[n] for n in range(agents)]
     assert final["answer"] is None or final["answer"] in final["answers"]
-    # Streamed, not batched at the end: round 1 reached the asker before the service had the final answer.
+    # Streamed, not batched at the end: the service handed round 1 over before it had the final answer.
+    # (When it then reaches the asker depends on the machine's load, not on the service.)
     first = events[1]
-    assert first["arrived"] < final["t"], (first["arrived"], final["t"])
+    assert first["sent"] < final["t"], (first["sent"], final["t"])
     assert all(a["arrived"] <= b["arrived"] for a, b in zip(events, events[1:]))
 
 

@@ -106,9 +106,14 @@ def test_hf_engine_answers_each_row_with_its_own_adapter(testbed_mini, tmp_path_
         plain.generate([QUESTION], GREEDY, [adapters[0]])
 
 
-def _agent_processes() -> int:
-    """Live agent-actor processes on this machine (Ray titles them ``ray::AgentActor...``), once the killed
-    actors of earlier societies are gone (waited for up to 30 s)."""
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _agent_processes(raylet: int) -> int:
+    """Live agent-actor processes of this Ray instance (Ray titles them ``ray::AgentActor...``; its raylet
+    starts them), once the killed actors of earlier societies are gone (waited for up to 30 s). Another
+    test worker's Ray instance on this machine has its own raylet."""
     deadline = time.time() + 30
     while True:
         count = 0
@@ -116,9 +121,10 @@ def _agent_processes() -> int:
             try:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes()
                 state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
+                mine = _ppid(int(pid)) == raylet
+            except (OSError, IndexError, ValueError):
                 continue
-            count += title.startswith(b"ray::AgentActor") and state not in ("Z", "X")
+            count += title.startswith(b"ray::AgentActor") and state not in ("Z", "X") and mine
         if count <= 1 or time.time() > deadline:
             return count
         time.sleep(0.5)
@@ -173,8 +179,8 @@ def test_a_lora_society_finetunes_and_debates_on_one_engine(ray_cluster, testbed
     # Society 1 on one engine: one agent actor, holding every trained member's adapter.
     with SocietyGroup(config, {m: society[str(m)] for m in society_members(2, True) if str(m) in society},
                       name="lora-society") as group:
-        assert len(group.actors) == 1 and _agent_processes() == 1
         info = ray.get(group.actors[0].info.remote())
+        assert len(group.actors) == 1 and _agent_processes(_ppid(info["pid"])) == 1
         assert info["model_path"] == testbed_mini and set(info["adapters"]) == set(finetunes)
         out = tmp_path / "debate"
         stats = ray.get(group.async_debate(1, "eval", [("p0", "What is 2 + 3?"), ("p1", "What is 4 + 4?")],
