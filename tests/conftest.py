@@ -15,6 +15,13 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One math thread per process (torch, and through the environment Ray's workers, Ray Train's and vLLM's). Two
+# pytest workers share two cores, each with a driver and actors computing at once: with torch's default of a
+# thread per core, every parallel op waits for a thread that another process has descheduled, and two
+# processes side by side ran 5x slower than alone (a matmul loop: 25 s each instead of 5); with one thread
+# each, 5 s each (docs/testing.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
