@@ -148,7 +148,7 @@ def train_worker_kills(work: Path, model: str) -> dict[str, Any]:
     hook = work / "hook"
     result: dict[str, Any] = {"injected": 0, "survived": 0, "failed_clearly": 0}
     job = _finetune_job(work, model, "fail", hook)
-    ref, _ = _kill_worker_after_first_checkpoint(job, 0, hook)
+    ref, _ = _kill_worker_after_first_checkpoint([job], 0, hook)
     result["injected"] += 1
     try:
         ray.get(ref, timeout=600)
@@ -159,7 +159,7 @@ def train_worker_kills(work: Path, model: str) -> dict[str, Any]:
         result["failed_clearly"] += int(clean_fail)
         result["max_failures_0"] = message
     job = _finetune_job(work, model, "recover", hook)
-    ref, _ = _kill_worker_after_first_checkpoint(job, 1, hook)
+    ref, _ = _kill_worker_after_first_checkpoint([job], 1, hook)
     result["injected"] += 1
     metrics = ray.get(ref, timeout=600)[job.name]
     clean = _finetune_job(work, model, "clean", None)

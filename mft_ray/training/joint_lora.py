@@ -31,7 +31,7 @@ from typing import Any
 
 from mft_ray.run.files import file_digest, partial_path
 from mft_ray.training.export import METRICS_NAME, fsync_tree, write_manifest
-from mft_ray.training.loop import LOSS_PROBE_EXAMPLES, _get_rng, _set_rng, read_examples
+from mft_ray.training.loop import LOSS_PROBE_EXAMPLES, _fault_hook, _get_rng, _set_rng, read_examples
 from mft_ray.training.spec import FinetuneJob
 from mft_ray.training.tokenize import collate, encode_example
 
@@ -193,6 +193,8 @@ def train_adapters_per_worker(config: dict[str, Any]) -> None:
             if i + 1 < len(order) and first.checkpoint_every_steps is not None:
                 state["rng"] = _get_rng()
                 _save(model, optimizers, schedulers, state, names, rank, metrics)
+                if resumed_at is None and epoch == 0:
+                    _fault_hook(jobs[0], rank)  # test-only, inert unless the first job has a fault_hook
             else:
                 ray.train.report(metrics)
     results = {}

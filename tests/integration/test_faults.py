@@ -322,7 +322,7 @@ def test_agent_actor_killed_mid_debate_is_restarted_and_the_debate_completes(ray
 # A Ray Train worker killed in the middle of a finetune
 
 
-def _finetune_job(tmp_path: Path, model: str, tag: str, hook: Path | None, lora=None):
+def _finetune_job(tmp_path: Path, model: str, tag: str, hook: Path | None, lora=None, name: str = "generator_0"):
     from mft_ray.training.spec import FinetuneJob, TrainingSpec
 
     data = tmp_path / "data.jsonl"
@@ -334,34 +334,36 @@ def _finetune_job(tmp_path: Path, model: str, tag: str, hook: Path | None, lora=
     spec = TrainingSpec(learning_rate=1e-3, epochs=3, batch_size=4, grad_accum=1, weight_decay=0.0, warmup_ratio=0.0,
                         max_length=256, zero_stage=2, bf16=False, gradient_checkpointing=False, seed=7,
                         trust_remote_code=False, checkpoint_every_steps=0, lora=lora)
-    out = tmp_path / tag / "iter_1" / "generator_0"
+    out = tmp_path / tag / "iter_1" / name
     # fault_hook (test-only): the loop parks after its first checkpoint
-    return FinetuneJob("generator_0", model, str(data), str(out), spec, iteration=1,
+    return FinetuneJob(name, model, str(data), str(out), spec, iteration=1,
                        fault_hook=str(hook) if hook is not None else None)
 
 
-def _kill_worker_after_first_checkpoint(job, max_failures: int, hook: Path):
-    """Start ``job``; once its worker has reported a checkpoint and parked, SIGKILL it; return the ref."""
+def _kill_worker_after_first_checkpoint(jobs: list, max_failures: int, hook: Path):
+    """Start one Ray Train run of ``jobs`` (one finetune, or LoRA adapters trained together); once its worker
+    has reported a checkpoint and parked, SIGKILL it; return the ref and the run's Ray Train directory."""
     from actors.finetune import _fit
 
+    name = jobs[0].name  # the fault hook's files are named after the first job
     hook.mkdir(exist_ok=True)
-    (hook / "generator_0.hold").touch()
-    (hook / "generator_0.pid").unlink(missing_ok=True)
-    storage = str(Path(job.output_dir).parent / "ray_train")
-    ref = _fit.remote([job], 1, 0.5, 0.0, max_failures, storage)
-    pid_file = hook / "generator_0.pid"
+    (hook / f"{name}.hold").touch()
+    (hook / f"{name}.pid").unlink(missing_ok=True)
+    storage = str(Path(jobs[0].output_dir).parent / "ray_train")
+    ref = _fit.remote(jobs, 1, 0.5, 0.0, max_failures, storage)
+    pid_file = hook / f"{name}.pid"
     deadline = time.time() + 240
     while not pid_file.exists() and time.time() < deadline:
         time.sleep(0.1)
     assert pid_file.exists(), "the training worker never reached its first checkpoint"
     # Ray Train's controller registers a reported checkpoint when it next polls the workers: kill only
     # once its run snapshot lists one (a checkpoint reported but not yet registered is lost with the worker).
-    experiment = Path(storage) / "generator_0"
+    experiment = Path(storage) / (name if len(jobs) == 1 else "adapters")
     while not _registered(experiment) and time.time() < deadline:
         time.sleep(0.1)
     assert _registered(experiment), "Ray Train never registered the worker's checkpoint"
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
-    (hook / "generator_0.hold").unlink()
+    (hook / f"{name}.hold").unlink()
     return ref, experiment
 
 
@@ -376,6 +378,7 @@ def _registered(experiment: Path) -> bool:
 @pytest.mark.integration
 def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, tiny_model, tmp_path):
     import ray
+    import torch
 
     from safetensors.torch import load_file
 
@@ -386,7 +389,7 @@ def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, 
     hook = tmp_path / "hook"
     # max_failures=0: the finetune fails, naming the agent and iteration; nothing looks finished.
     job = _finetune_job(tmp_path, tiny_model, "fail", hook)
-    ref, experiment = _kill_worker_after_first_checkpoint(job, 0, hook)
+    ref, experiment = _kill_worker_after_first_checkpoint([job], 0, hook)
     with pytest.raises(FinetuneError) as failed:
         ray.get(ref, timeout=300)
     message = str(root_cause(failed.value))  # what `python -m jobs.iterate` prints (exit code 5)
@@ -397,19 +400,27 @@ def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, 
     assert not out.exists() and not out.with_name(".generator_0.partial").exists()
     assert list(experiment.glob("checkpoint_*")), "its last checkpoint is kept for a rerun to resume from"
 
-    # max_failures=1: Ray Train restarts the worker group, which resumes from the checkpoint. This half is a
-    # LoRA finetune (finetune.adapter: lora, the per-agent loop): the adapter and its optimizer state resume.
-    # A full finetune's resume is checked where an uninterrupted run exists anyway, with its weights:
-    # tests/integration/test_iterate.py (driver killed after a Ray Train checkpoint) and benchmarks/faults.py
-    # (this same worker kill, full, against a clean finetune).
-    job = _finetune_job(tmp_path, tiny_model, "recover", hook, lora=LoraSpec(4, 8.0, 0.0, ("q_proj", "v_proj")))
-    ref, experiment = _kill_worker_after_first_checkpoint(job, 1, hook)
-    metrics = ray.get(ref, timeout=300)[job.name]
+    # max_failures=1: Ray Train restarts the worker group, which resumes from the checkpoint. This half is two
+    # LoRA adapters trained together (finetune.adapter: lora with adapters_together, mft_ray/training/
+    # joint_lora.py): every adapter and optimizer state resumes. A full finetune's resume is checked where an
+    # uninterrupted run exists anyway, with its weights: tests/integration/test_iterate.py (driver killed after
+    # a Ray Train checkpoint) and benchmarks/faults.py (this same worker kill, full, against a clean finetune).
+    lora = LoraSpec(4, 8.0, 0.0, ("q_proj", "v_proj"))
+    jobs = [_finetune_job(tmp_path, tiny_model, "recover", hook, lora=lora, name=name)
+            for name in ("generator_0", "critic_0")]
+    ref, experiment = _kill_worker_after_first_checkpoint(jobs, 1, hook)
+    metrics = ray.get(ref, timeout=300)
     steps_per_epoch = 6  # 24 examples, batch 4
-    assert metrics["resumed_after_micro_batches"] == steps_per_epoch  # the end of epoch 1
-    assert len(metrics["epoch_losses"]) == 3
-    assert checkpoint_problem(job.output_dir) is None
-    assert is_adapter(job.output_dir) and adapter_base(job.output_dir) == tiny_model
-    trained = load_file(str(Path(job.output_dir) / "adapter_model.safetensors"))
-    assert any(t.abs().max() > 0 for k, t in trained.items() if "lora_B" in k)  # it trained (B starts at zero)
+    trained = {}
+    for job in jobs:
+        m = metrics[job.name]
+        assert m["adapters_together"] == 2
+        assert m["resumed_after_micro_batches"] == 2 * steps_per_epoch  # the end of epoch 1, both agents
+        assert len(m["epoch_losses"]) == 3
+        assert checkpoint_problem(job.output_dir) is None
+        assert is_adapter(job.output_dir) and adapter_base(job.output_dir) == tiny_model
+        trained[job.name] = load_file(str(Path(job.output_dir) / "adapter_model.safetensors"))
+        assert any(t.abs().max() > 0 for k, t in trained[job.name].items() if "lora_B" in k)  # B starts at zero
+    # Same data, different adapters: each kept its own initialisation and optimizer through the restart.
+    assert any(not torch.equal(t, trained["critic_0"][k]) for k, t in trained["generator_0"].items())
     assert not experiment.exists()  # training state removed once the export is whole

@@ -186,12 +186,14 @@ def test_driver_killed_mid_finetune_resumes_to_the_same_result(full_run, testbed
            f"run_dir={resumed}", f"model.path={testbed_mini}"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     what, ready, delay = FINETUNE_KILL
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = tmp_path / "killed_job.log"  # the killed job's own output, for a failure message
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 400
     while time.time() < deadline and not ready(resumed) and proc.poll() is None:
         time.sleep(0.1)
-    assert ready(resumed), f"the job never reached the kill point: {what} (exit code {proc.poll()})"
+    assert ready(resumed), \
+        f"the job never reached the kill point: {what} (exit code {proc.poll()}):\n{log.read_text()[-3000:]}"
     time.sleep(delay)
     assert proc.poll() is None, f"the job ended before the kill point: {what}"
     kill_session(proc.pid)  # the driver, its local Ray and every worker, before looking at what is left
