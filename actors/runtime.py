@@ -112,6 +112,30 @@ class RayRuntime:
                              together=finetune.adapter == "lora" and finetune.adapters_together)
 
 
+# A local Ray's raylet waits a hard-coded 15 s for its dashboard agent to write its ports and aborts after
+# that (ray-project/ray#65983, open on Ray 2.60); ray.init then gives up 30 s later with this message. Seen on
+# a 2-core machine under load (CI); a second start, once the load has moved on, works.
+LOCAL_START_ATTEMPTS = 3
+_START_TIMEOUT = "timed out during startup"
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """``ray.init(**init_kwargs)`` of a new local instance, started again (up to LOCAL_START_ATTEMPTS in all)
+    when its raylet died during start-up; any other failure, or the last attempt's, is raised as it is."""
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(**init_kwargs)
+            return
+        except Exception as exc:
+            if _START_TIMEOUT not in str(exc) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            logger.warning("the local Ray instance did not start (%s; its raylet likely gave up waiting for its "
+                           "dashboard agent, ray-project/ray#65983): starting it again (attempt %d of %d)",
+                           str(exc).split(".")[0], attempt + 1, LOCAL_START_ATTEMPTS)
+            ray.shutdown()
+            time.sleep(attempt)
+
+
 def init_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local one."""
     if ray.is_initialized():
@@ -121,7 +145,10 @@ def init_ray() -> None:
         # A throwaway local instance: token auth set up by a local ray.init() would only break later
         # CLI calls on this machine. A cluster's own auth mode (RAY_ADDRESS set) is left alone.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address or None, log_to_driver=True, include_dashboard=False if not address else None)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        start_local_ray(log_to_driver=True, include_dashboard=False)
     logger.info("ray: %s", ray.cluster_resources())
 
 

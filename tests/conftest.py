@@ -125,7 +125,9 @@ def ray_cluster():
     """A real local Ray instance with 2 CPUs, started once per test module."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from actors.runtime import start_local_ray
+
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

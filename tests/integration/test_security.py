@@ -86,12 +86,16 @@ def test_cluster_yaml_security_group_opens_no_public_port(cluster) -> None:
 
 def test_jobs_start_local_ray_without_a_dashboard() -> None:
     tree = ast.parse((REPO / "actors" / "runtime.py").read_text())  # init_ray, what the jobs call
-    inits = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "ray.init"]
-    assert inits
-    for call in inits:
+    local = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "start_local_ray"]
+    assert local
+    for call in local:
         kwargs = {k.arg: ast.unparse(k.value) for k in call.keywords}
-        assert kwargs.get("include_dashboard", "").startswith("False"), kwargs  # local instance: none
+        assert kwargs.get("include_dashboard") == "False", kwargs  # local instance: no dashboard
         assert "dashboard_host" not in kwargs
+    joins = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "ray.init"]
+    for call in joins:  # joining a cluster (its own dashboard settings), or start_local_ray's own call
+        assert {k.arg for k in call.keywords} & {"address", None}, ast.unparse(call)
+        assert "dashboard_host" not in {k.arg for k in call.keywords}
 
 
 def test_no_service_binds_all_interfaces() -> None:
