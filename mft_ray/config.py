@@ -231,17 +231,23 @@ ADAPTERS = ("full", "lora")
 @dataclass
 class LoraConfig:
     """A LoRA adapter's shape (``finetune.adapter: lora``; PEFT's LoraConfig): rank, scale, dropout, and the
-    linear layers it adapts (module names of the model, e.g. Llama's q_proj, k_proj, v_proj, o_proj)."""
+    linear layers it adapts (module names of the model, e.g. Llama's q_proj, k_proj, v_proj, o_proj), and
+    ``lr_scale``: an adapter trains at the role's learning rate (or ``later_learning_rate``) times this. An
+    adapter starts at B = 0 and needs a larger rate than a full finetune (about 10x: Thinking Machines,
+    "LoRA Without Regret", 2025); at the full finetune's 1e-5 SmolLM2's adapters barely moved (loss after /
+    before 0.999, benchmarks/lora_society.py)."""
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lr_scale: float = 10.0
 
     def validate(self, prefix: str) -> None:
         _check(self.rank >= 1, f"{prefix}.rank must be >= 1, got {self.rank}")
         _check(self.alpha > 0, f"{prefix}.alpha must be > 0, got {self.alpha}")
         _check(0 <= self.dropout < 1, f"{prefix}.dropout must lie in [0, 1), got {self.dropout}")
+        _check(self.lr_scale > 0, f"{prefix}.lr_scale must be > 0, got {self.lr_scale}")
         _check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
                f"{prefix}.target_modules must be a non-empty list of module names, got {self.target_modules!r}")
 

@@ -57,7 +57,8 @@ def training_spec(config: Config, role: str, iteration: int, index: int) -> Trai
 
     The role's ``finetune.generator`` / ``finetune.critic`` settings, except that from iteration 2 on
     ``finetune.later_learning_rate`` and ``finetune.later_weight_decay`` replace the learning rate and weight
-    decay when set; bf16 defaults to "the workers have GPUs". The seed is the first 4 bytes (little-endian)
+    decay when set; a LoRA adapter's rate is then multiplied by ``finetune.lora.lr_scale``; bf16 defaults to
+    "the workers have GPUs". The seed is the first 4 bytes (little-endian)
     of sha256("<config.seed>:<iteration>:<role>:<index>"): distinct per agent and iteration, stable on rerun.
     """
     ft = config.finetune
@@ -67,6 +68,8 @@ def training_spec(config: Config, role: str, iteration: int, index: int) -> Trai
         learning_rate = ft.later_learning_rate
     if iteration >= 2 and ft.later_weight_decay is not None:
         weight_decay = ft.later_weight_decay
+    if ft.adapter == "lora":
+        learning_rate *= ft.lora.lr_scale
     digest = hashlib.sha256(f"{config.seed}:{iteration}:{role}:{index}".encode()).digest()
     return TrainingSpec(
         learning_rate=learning_rate, epochs=r.epochs, batch_size=r.batch_size, grad_accum=r.grad_accum,

@@ -38,6 +38,13 @@ def test_lora_settings_reach_the_training_spec_and_survive_ray_trains_loop_confi
                                 "finetune.lora.target_modules=[q_proj,k_proj,v_proj]"])
     spec = training_spec(config, "generator", 2, 0)
     assert spec.lora == LoraSpec(rank=4, alpha=16.0, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj"))
+    # An adapter trains at 10x the role's rate by default (later_learning_rate from iteration 2 on).
+    assert spec.learning_rate == pytest.approx(10 * config.finetune.later_learning_rate)
+    assert training_spec(config, "critic", 1, 0).learning_rate == pytest.approx(10 * config.finetune.critic.learning_rate)
+    unscaled = load_config(None, ["finetune.adapter=lora", "finetune.zero_stage=2", "finetune.lora.lr_scale=1"])
+    assert training_spec(unscaled, "generator", 1, 0).learning_rate == unscaled.finetune.generator.learning_rate
+    with pytest.raises(ConfigError, match=r"finetune.lora.lr_scale must be > 0"):
+        load_config(None, ["finetune.adapter=lora", "finetune.zero_stage=2", "finetune.lora.lr_scale=0"])
     job = FinetuneJob("generator_0", "/base", "/data.jsonl", "/out", spec, iteration=2, init_adapter="/it1/gen0")
     assert FinetuneJob.from_loop_config(job.to_loop_config()) == job
     assert training_spec(load_config(None, []), "generator", 1, 0).lora is None  # full finetuning by default
@@ -151,8 +158,8 @@ def test_a_lora_society_finetunes_and_debates_on_one_engine(ray_cluster, testbed
     config = load_config(REPO / "jobs/configs/iterate_cpu.yaml", [
         f"run_dir={run_dir}", f"model.path={testbed_mini}", "finetune.iterations=1", "debate.agents=2",
         "task.finetune_size=12", "task.eval_size=6", "debate.shard_size=12", "finetune.adapter=lora",
-        "finetune.zero_stage=2", "finetune.lora.rank=4", "finetune.generator.learning_rate=5e-3",
-        "finetune.critic.learning_rate=5e-3", "metrics.embedding=false", "metrics.nll_problems=0"])
+        "finetune.zero_stage=2", "finetune.lora.rank=4", "finetune.generator.learning_rate=5e-4",
+        "finetune.critic.learning_rate=5e-4", "metrics.embedding=false", "metrics.nll_problems=0"])
     summary = iterate(config)
     assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
 
