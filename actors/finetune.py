@@ -54,13 +54,18 @@ def _usable_storage(experiment: Path) -> bool:
     return all((experiment / n).is_dir() for n in names)
 
 
+def train_run_name(jobs: list[FinetuneJob]) -> str:
+    """The Ray Train run's name (its directory under the storage path) for one ``_fit`` of ``jobs``."""
+    return "adapters" if len(jobs) > 1 else jobs[0].name
+
+
 @ray.remote(num_cpus=0)
 def _fit(jobs: list[FinetuneJob], workers: int, cpus: float, gpus: float, max_failures: int,
          storage_path: str) -> dict[str, dict[str, Any]]:
     """One Ray Train run: a finetune (one job), or the LoRA adapters of an iteration trained together
     (several jobs, ``mft_ray.training.joint_lora``); each job's training metrics."""
     together = len(jobs) > 1
-    name = "adapters" if together else jobs[0].name
+    name = train_run_name(jobs)
     what = f"the adapters {', '.join(j.name for j in jobs)}" if together else jobs[0].describe()
     experiment = Path(storage_path) / name
     if not _usable_storage(experiment):

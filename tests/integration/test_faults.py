@@ -343,7 +343,7 @@ def _finetune_job(tmp_path: Path, model: str, tag: str, hook: Path | None, lora=
 def _kill_worker_after_first_checkpoint(jobs: list, max_failures: int, hook: Path):
     """Start one Ray Train run of ``jobs`` (one finetune, or LoRA adapters trained together); once its worker
     has reported a checkpoint and parked, SIGKILL it; return the ref and the run's Ray Train directory."""
-    from actors.finetune import _fit
+    from actors.finetune import _fit, train_run_name
 
     name = jobs[0].name  # the fault hook's files are named after the first job
     hook.mkdir(exist_ok=True)
@@ -358,7 +358,7 @@ def _kill_worker_after_first_checkpoint(jobs: list, max_failures: int, hook: Pat
     assert pid_file.exists(), "the training worker never reached its first checkpoint"
     # Ray Train's controller registers a reported checkpoint when it next polls the workers: kill only
     # once its run snapshot lists one (a checkpoint reported but not yet registered is lost with the worker).
-    experiment = Path(storage) / (name if len(jobs) == 1 else "adapters")
+    experiment = Path(storage) / train_run_name(jobs)
     while not _registered(experiment) and time.time() < deadline:
         time.sleep(0.1)
     assert _registered(experiment), "Ray Train never registered the worker's checkpoint"
