@@ -132,28 +132,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-# The test files that take longest, longest first (seconds in a fresh-clone `make test` on a 2-core Xeon with
-# AMX, each file beside another: test_iterate 620, test_job_submit 440, test_methods 127, test_faults 125,
-# test_debate_ray 109, test_lora 101, test_service 93, test_report 60). `make test` starts files in this
-# order (`--no-loadscope-reorder`; xdist would otherwise start the files with the most tests first), so the
-# two longest start at once and the short files fill in around them: started last, as before, the two
-# longest ran side by side at the end and one worker then waited ~3 minutes for the other.
-LONGEST_FIRST = [
-    "tests/integration/test_iterate.py", "tests/jobs/test_job_submit.py", "tests/methods/test_methods.py",
-    "tests/integration/test_faults.py", "tests/actors/test_debate_ray.py", "tests/integration/test_lora.py",
-    "tests/actors/test_service.py", "tests/reports/test_report.py", "tests/engines/test_engine_vllm.py",
-    "tests/engines/test_engine_openai_vllm.py", "tests/integration/test_security.py",
-    "tests/actors/test_scaling.py", "tests/jobs/test_bad_input.py", "tests/reports/test_study.py",
-    "tests/models/test_smollm2.py",
-]
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    """Order the collected tests by file as in LONGEST_FIRST (the other files after them, as collected)."""
-    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: keeps test order
-
-
 # Which worker ran which test file, and when: `make test` appends one JSON line per test file to
 # $MFT_CACHE_DIR/test_timeline.jsonl, to see which heavy files ran at the same time (they share 2 cores).
 _FILE_STARTS: dict[str, float] = {}
