@@ -56,7 +56,7 @@ study: $(STAMP)
 # decoding on one thread, a process starting) while the other waits. (Running the Ray Train files one after
 # another on one worker made it slower: 41 min of tests, CI of 98011ac; see docs/testing.md.)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/debate_throughput.py

@@ -132,23 +132,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-# `make test` starts test files in xdist's default order for `--dist loadfile` (the files with the most tests
-# first), except this one, which starts first (`--no-loadscope-reorder` and pytest_collection_modifyitems
-# below). Started last in the default order, it ran beside the real-model job test, the next longest, and one
-# worker then waited ~3 minutes for the other at the end; started beside the short files, it takes less time.
-# (Starting every long file first was slower: the long files then slowed each other; docs/testing.md.)
-FIRST = "tests/integration/test_iterate.py"
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    """FIRST, then the other files by their number of tests, most first (ties as collected): xdist's order."""
-    counts: dict[str, int] = {}
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        counts[path] = counts.get(path, 0) + 1
-    items.sort(key=lambda item: (item.nodeid.split("::")[0] != FIRST, -counts[item.nodeid.split("::")[0]]))
-
-
 # Which worker ran which test file, and when: `make test` appends one JSON line per test file to
 # $MFT_CACHE_DIR/test_timeline.jsonl, to see which heavy files ran at the same time (they share 2 cores).
 _FILE_STARTS: dict[str, float] = {}
