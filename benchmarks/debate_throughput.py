@@ -118,7 +118,11 @@ def main() -> None:
             "model.kv_cache_gb=1",
         ])
 
-    result: dict = {"benchmark": "debate_throughput", "model": "SmolLM2-135M-Instruct (builtin, fp32)",
+    from mft_ray.engines.base import native_bf16
+
+    # The engines' own dtype choice (mft_ray/engines/vllm.py, hf.py): vLLM bf16 only where the CPU has it natively.
+    label = f"SmolLM2-135M-Instruct (builtin; vLLM {'bf16' if native_bf16() else 'fp32'}, HF fp32)"
+    result: dict = {"benchmark": "debate_throughput", "model": label,
                     "problems": args.problems, "agents": args.agents, "rounds": args.rounds,
                     "max_new_tokens": args.max_new_tokens, "engines": {}}
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
