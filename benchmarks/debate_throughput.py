@@ -99,6 +99,7 @@ def main() -> None:
     from actors.runtime import RayRuntime
     from mft_ray.config import load_config
     from mft_ray.engines import SamplingParams, make_engine
+    from mft_ray.engines.base import native_bf16
     from mft_ray.models.builtin import resolve_model_path
     from mft_ray.society.prompts import PromptSet
     from mft_ray.tasks import make_splits, make_task
@@ -117,8 +118,6 @@ def main() -> None:
             f"resources.num_cpus_per_agent={cpus}", "model.max_batch_size=64", "model.max_model_len=2048",
             "model.kv_cache_gb=1",
         ])
-
-    from mft_ray.engines.base import native_bf16
 
     # The engines' own dtype choice (mft_ray/engines/vllm.py, hf.py): vLLM bf16 only where the CPU has it natively.
     label = f"SmolLM2-135M-Instruct (builtin; vLLM {'bf16' if native_bf16() else 'fp32'}, HF fp32)"
