@@ -18,27 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SUMMARY_NUMBER = re.compile(r"answered (-?\d+)")
-
-
-def critic_kind(response: str) -> str:
-    """The testbed's critic reply formats (mft_ray/models/testbed.py: _joined, _kept; else a new solution)."""
-    if "agents agree on" in response:
-        return "join"
-    if "keep my answer" in response:
-        return "keep"
-    return "resolve"
-
 
 def main() -> None:
     from mft_ray.config import load_config
+    from mft_ray.models.testbed import critic_reply_kind, summary_answers
     from mft_ray.run.records import read_records
     from mft_ray.society.voting import majority_vote, vote_rng
     from mft_ray.tasks import make_splits, make_task
@@ -74,11 +63,11 @@ def main() -> None:
             critic = turns[("critic", 2, n)]
             others = [first[k] for k in critic["others_order"]]
             summary = turns.get(("summarizer", 2, n))
-            numbers = SUMMARY_NUMBER.findall(summary["response"]) if summary else []
+            numbers = summary_answers(summary["response"]) if summary else []
             if summary:
                 summaries["exact"] += numbers == [str(a) for a in others]
                 summaries["all"] += 1
-            kind, answer = critic_kind(critic["response"]), critic["answer"]
+            kind, answer = critic_reply_kind(critic["response"]), critic["answer"]
             own = "own_right" if task.is_correct(first[n], truth) else "own_wrong"
             kinds[f"{kind}, {own}, {'right' if task.is_correct(answer, truth) else 'wrong'}"] += 1
             right["round2"] += task.is_correct(answer, truth)

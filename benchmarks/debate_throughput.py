@@ -99,7 +99,7 @@ def main() -> None:
     from actors.runtime import RayRuntime
     from mft_ray.config import load_config
     from mft_ray.engines import SamplingParams, make_engine
-    from mft_ray.engines.base import native_bf16
+    from mft_ray.engines.vllm import auto_dtype
     from mft_ray.models.builtin import resolve_model_path
     from mft_ray.society.prompts import PromptSet
     from mft_ray.tasks import make_splits, make_task
@@ -119,8 +119,7 @@ def main() -> None:
             "model.kv_cache_gb=1",
         ])
 
-    # The engines' own dtype choice (mft_ray/engines/vllm.py, hf.py): vLLM bf16 only where the CPU has it natively.
-    label = f"SmolLM2-135M-Instruct (builtin; vLLM {'bf16' if native_bf16() else 'fp32'}, HF fp32)"
+    label = f"SmolLM2-135M-Instruct (builtin; vLLM {auto_dtype(False)}, HF float32)"  # the engines' dtype="auto"
     result: dict = {"benchmark": "debate_throughput", "model": label,
                     "problems": args.problems, "agents": args.agents, "rounds": args.rounds,
                     "max_new_tokens": args.max_new_tokens, "engines": {}}

@@ -33,6 +33,11 @@ FOURIER_PERIODS = (10, 100, 1000, 2000)
 RECIPE = 3
 HASTY_SEPARATOR = "; "
 ARITH_INSTRUCTION = "Put your final answer in the form \\boxed{answer} at the end of your response."
+# The critic's short replies (critic_reply) and the summary's restated answers (_summary), also read back by
+# benchmarks/debate_rounds.py.
+JOIN_PREFIX = "The other agents agree on"
+KEEP_PREFIX = "I keep my answer"
+_SUMMARY_ANSWER = re.compile(r"answered (-?\d+)")
 
 
 @dataclass(frozen=True)
@@ -209,14 +214,25 @@ def _summary(answers: list[int]) -> str:
     return " ".join(f"Agent {k + 1} answered {v}." for k, v in enumerate(answers))
 
 
+def summary_answers(text: str) -> list[str]:
+    """The answers a summary in the testbed's format (``_summary``) restates, in order."""
+    return _SUMMARY_ANSWER.findall(text)
+
+
+def critic_reply_kind(text: str) -> str:
+    """Which of the testbed's critic replies ``text`` is: "join" (``_joined``), "keep" (``_kept``) or
+    "resolve" (a new solution)."""
+    return "join" if JOIN_PREFIX in text else "keep" if KEEP_PREFIX in text else "resolve"
+
+
 def _joined(answer: int) -> str:
-    return f"The other agents agree on {answer}. \\boxed{{{answer}}}"
+    return f"{JOIN_PREFIX} {answer}. \\boxed{{{answer}}}"
 
 
 def _kept(answer: int) -> str:
     # Short on purpose: copying one number from its own earlier reply is within a tiny model's reach,
     # while re-writing a whole solution far from the question garbles the operands (measured).
-    return f"I keep my answer. \\boxed{{{answer}}}"
+    return f"{KEEP_PREFIX}. \\boxed{{{answer}}}"
 
 
 def critic_reply(first: list[tuple[str, int]], ops: tuple[int, ...], rng: random.Random,

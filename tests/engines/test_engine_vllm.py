@@ -99,7 +99,7 @@ def test_nll_scores_match_the_hf_engine(engine, hf) -> None:
 
 def test_close_stops_the_engine_and_is_idempotent(smollm2: str) -> None:
     """Also the engine's own dtype on a CPU: bfloat16 where the CPU computes it natively, else float32 (emulated
-    bf16 is ~90x slower than fp32 on an AVX2-only CPU)."""
+    bf16 is ~90x slower than fp32 on an AVX2-only CPU). The rule is spelled here, not read from the engine."""
     from mft_ray.engines.base import native_bf16
     from mft_ray.engines.vllm import VLLMEngine
 
