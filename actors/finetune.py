@@ -1,19 +1,23 @@
 """Launch the 2N per-agent finetunes of an iteration with Ray Train (TorchTrainer + DeepSpeed).
 
-Each finetune is its own TorchTrainer with its own ScalingConfig (a LoRA society's adapters may instead be
-one TorchTrainer for all of them, ``together``). Their ``fit()`` calls run in
-separate Ray tasks, as many at once as the cluster holds (``finetune.max_concurrent`` lowers that); the
-rest wait here and start as earlier ones finish. (Handing Ray Train more worker groups than fit makes
-the extra ones time out waiting for workers and restart, over and over, while they compete for the
-CPUs the running ones train on.) A finished finetune is recognised by its exported checkpoint (checked
+The finetunes run in lanes: as many Ray Train runs at once as the cluster holds (``finetune.max_concurrent``
+lowers that), each training its share of the finetunes one after another in one worker group
+(``mft_ray.training.loop.train_lane_per_worker``). A worker group's start-up (controller, worker processes,
+process group, imports: about 20 s on a CPU) is then paid once per lane, not once per finetune, and the
+cluster is as busy as before. (Handing Ray Train more worker groups than fit makes the extra ones time out
+waiting for workers and restart, over and over, while they compete for the CPUs the running ones train on.)
+A LoRA society's adapters may instead be one run that trains them together (``together``,
+``mft_ray.training.joint_lora``). A finished finetune is recognised by its exported checkpoint (checked
 whole, ``mft_ray.training.export``) and skipped.
 
 Failures: the training loop reports a checkpoint of its full training state to Ray Train at every
 epoch end (``finetune.checkpoint_every_steps`` adds more). If a worker dies, Ray Train restarts the
-worker group from the latest checkpoint up to ``finetune.max_failures`` times; past that the finetune
-fails with ``FinetuneError`` naming the agent and iteration, and nothing is exported (a half-written
-export is removed). Its Ray Train checkpoints stay under ``<storage>/<name>/``: rerunning the job
-resumes from the latest one. They are deleted once the finetune's export is complete.
+worker group from the latest checkpoint up to ``finetune.max_failures`` times (a lane skips the finetunes
+it already exported and resumes the one in progress); past that the finetune fails with ``FinetuneError``
+naming the agent and iteration, and nothing is exported for it (a half-written export is removed). Its Ray
+Train checkpoints stay under ``<storage>/<run>/``: rerunning the job resumes from the latest one (the lane
+of that finetune is given that run's name). They are deleted once every finetune of the iteration is
+exported.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +39,19 @@ from mft_ray.errors import FinetuneError, PlacementError
 from mft_ray.run.files import partial_path
 from mft_ray.training.export import checkpoint_problem, read_train_metrics
 from mft_ray.training.joint_lora import train_adapters_per_worker
-from mft_ray.training.loop import train_loop_per_worker
+from mft_ray.training.loop import checkpoint_job, train_lane_per_worker
 from mft_ray.training.spec import FinetuneJob
 
 logger = logging.getLogger(__name__)
 
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+
+
 def _usable_storage(experiment: Path) -> bool:
     """False if a Ray Train run in ``experiment`` cannot be resumed: its snapshot does not parse or names
     a checkpoint directory that is gone (Ray Train would then refuse to start the run at all)."""
-    snapshot = experiment / "checkpoint_manager_snapshot.json"
+    snapshot = experiment / SNAPSHOT
     if not snapshot.exists():
         return True
     try:
@@ -54,28 +62,31 @@ def _usable_storage(experiment: Path) -> bool:
     return all((experiment / n).is_dir() for n in names)
 
 
-def train_run_name(jobs: list[FinetuneJob]) -> str:
-    """The Ray Train run's name (its directory under the storage path) for one ``_fit`` of ``jobs``."""
-    return "adapters" if len(jobs) > 1 else jobs[0].name
+def train_run_name(jobs: list[FinetuneJob], together: bool = False) -> str:
+    """The name of a Ray Train run (its directory under the storage path) that starts with ``jobs``: a lane is
+    named after its first finetune; adapters trained together are "adapters"."""
+    return "adapters" if together and len(jobs) > 1 else jobs[0].name
 
 
 @ray.remote(num_cpus=0)
 def _fit(jobs: list[FinetuneJob], workers: int, cpus: float, gpus: float, max_failures: int,
-         storage_path: str) -> dict[str, dict[str, Any]]:
-    """One Ray Train run: a finetune (one job), or the LoRA adapters of an iteration trained together
-    (several jobs, ``mft_ray.training.joint_lora``); each job's training metrics."""
-    together = len(jobs) > 1
-    name = train_run_name(jobs)
-    what = f"the adapters {', '.join(j.name for j in jobs)}" if together else jobs[0].describe()
+         storage_path: str, together: bool = False, run_name: str | None = None) -> dict[str, dict[str, Any]]:
+    """One Ray Train run: a lane (``jobs`` trained one after another), or the LoRA adapters of an iteration
+    trained together (``together``, ``mft_ray.training.joint_lora``); each job's training metrics. ``run_name``:
+    the run's directory under ``storage_path`` (default: the first job's name, or "adapters")."""
+    together = together and len(jobs) > 1
+    name = run_name or train_run_name(jobs, together)
     experiment = Path(storage_path) / name
     if not _usable_storage(experiment):
-        logger.warning("finetune %s: the Ray Train run in %s is broken (unreadable snapshot or missing "
-                       "checkpoint); discarding it and training from the start", what, experiment)
+        logger.warning("finetunes %s: the Ray Train run in %s is broken (unreadable snapshot or missing "
+                       "checkpoint); discarding it and training from the start", ", ".join(j.name for j in jobs),
+                       experiment)
         shutil.rmtree(experiment, ignore_errors=True)
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    configs = [j.to_loop_config() for j in jobs]
     trainer = TorchTrainer(
-        train_adapters_per_worker if together else train_loop_per_worker,
-        train_loop_config={"jobs": [j.to_loop_config() for j in jobs]} if together else jobs[0].to_loop_config(),
+        train_adapters_per_worker if together else train_lane_per_worker,
+        train_loop_config={"jobs": configs},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures),
@@ -87,7 +98,10 @@ def _fit(jobs: list[FinetuneJob], workers: int, cpus: float, gpus: float, max_fa
     except Exception as exc:  # noqa: BLE001 - every failure gets the same clear message and clean-up
         for job in jobs:  # where the loop exports before the rename
             shutil.rmtree(partial_path(job.output_dir), ignore_errors=True)
-        outputs = ", ".join(j.output_dir for j in jobs)
+        # A lane's finetunes before the failed one are exported and stay; the failed one is the first without.
+        failed = [j for j in jobs if checkpoint_problem(j.output_dir) is not None] or jobs
+        what = (f"the adapters {', '.join(j.name for j in jobs)}" if together else failed[0].describe())
+        outputs = ", ".join(j.output_dir for j in (jobs if together else failed))
         raise FinetuneError(
             f"finetune {what} failed (finetune.max_failures={max_failures} restarts allowed): "
             f"{_cause(exc).rstrip('.')}. Nothing was exported to {outputs}; a rerun resumes from its latest Ray "
@@ -138,14 +152,75 @@ def concurrent_slots(workers: int, cpus_per_worker: float, gpus_per_worker: floa
     return max(1, min(slots, default=1))
 
 
+def job_cost(job: FinetuneJob) -> float:
+    """A finetune's share of a lane's work: its data file's size times its epochs (a proxy for its tokens)."""
+    try:
+        size = Path(job.data_path).stat().st_size
+    except OSError:
+        size = 0
+    return float(size * job.spec.epochs)
+
+
+def plan_lanes(jobs: list[FinetuneJob], lanes: int, resume: Mapping[str, str] | None = None,
+               cost: Callable[[FinetuneJob], float] = job_cost) -> list[tuple[str, list[FinetuneJob]]]:
+    """Split ``jobs`` into at most ``lanes`` lanes of about equal ``cost``: (Ray Train run name, its jobs in
+    training order). A job in ``resume`` (job name -> the run holding its latest checkpoint) leads a lane of
+    that run's name, so it resumes there; every other lane is named after its first job. The rest go longest
+    first onto the lane with the least work (each lane's own order: longest first)."""
+    resume = resume or {}
+    lanes = max(1, min(lanes, len(jobs)))
+    plan: list[tuple[str, list[FinetuneJob]]] = []
+    for job in jobs:
+        run = resume.get(job.name)
+        if run is not None and len(plan) < lanes and run not in {name for name, _ in plan}:
+            plan.append((run, [job]))
+    leaders = {id(lane[0]) for _, lane in plan}
+    rest = sorted((j for j in jobs if id(j) not in leaders), key=cost, reverse=True)  # stable: ties keep order
+    load = [cost(lane[0]) for _, lane in plan]
+    taken = {name for name, _ in plan}
+    for job in rest:
+        if len(plan) < lanes:
+            name = job.name
+            while name in taken:  # a run named after this job may already hold another job's checkpoint
+                name += "_"
+            plan.append((name, [job]))
+            load.append(cost(job))
+            taken.add(name)
+        else:
+            k = min(range(len(plan)), key=lambda i: load[i])
+            plan[k][1].append(job)
+            load[k] += cost(job)
+    return plan
+
+
+def checkpointed_runs(storage_path: str) -> dict[str, str]:
+    """Job name -> the Ray Train run under ``storage_path`` whose latest registered checkpoint is that job's
+    training state (runs without one, or with one that cannot be read, are left out)."""
+    owners: dict[str, str] = {}
+    for snapshot in sorted(Path(storage_path).glob(f"*/{SNAPSHOT}")):
+        experiment = snapshot.parent
+        try:
+            results = json.loads(snapshot.read_text()).get("checkpoint_results") or []
+            latest = experiment / results[-1]["checkpoint_dir_name"] if results else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if latest is None or not latest.is_dir():
+            continue
+        # A checkpoint from before lanes has no job name: its run was one finetune, named after it.
+        owners.setdefault(checkpoint_job(latest) or experiment.name, experiment.name)
+    return owners
+
+
 def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, cpus_per_worker: float = 1.0,
                   gpus_per_worker: float = 0.0, max_failures: int = 0, max_concurrent: int = 0,
                   together: bool = False) -> dict[str, dict[str, Any]]:
-    """Run every job not already complete, as many at once as fit (at most ``max_concurrent`` if > 0);
-    return each job's training metrics. ``together``: the unfinished jobs (LoRA adapters of one base) are
-    one Ray Train run over one copy of the base (``mft_ray.training.joint_lora``).
+    """Run every job not already complete, in as many lanes at once as fit (at most ``max_concurrent`` if > 0),
+    each lane one Ray Train run training its jobs one after another; return each job's training metrics.
+    ``together``: the unfinished jobs (LoRA adapters of one base) are one Ray Train run over one copy of the
+    base (``mft_ray.training.joint_lora``).
 
-    ``storage_path`` holds the Ray Train runs (``RunDir.ray_train_dir``): a killed finetune resumes there."""
+    ``storage_path`` holds the Ray Train runs (``RunDir.ray_train_dir``): a killed finetune resumes there; it is
+    removed once every job is exported."""
     results: dict[str, dict[str, Any]] = {}
     todo: list[FinetuneJob] = []
     for job in jobs:
@@ -161,30 +236,31 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
     if not todo:
         return results
     check_finetunes_fit(workers, cpus_per_worker, gpus_per_worker)
+    start = time.time()
     if together and len(todo) > 1:
         if any(j.spec.lora is None or j.init_path != todo[0].init_path for j in todo):
             raise FinetuneError("adapters trained together must all be LoRA finetunes of one base model")
-        start = time.time()
         logger.info("%d LoRA adapters trained together in one run: %s", len(todo), ", ".join(j.name for j in todo))
         results.update(ray.get(_fit.remote(todo, workers, cpus_per_worker, gpus_per_worker, max_failures,
-                                           storage_path)))
+                                           storage_path, together=True)))
         logger.info("adapters done in %.0fs", time.time() - start)
+        shutil.rmtree(storage_path, ignore_errors=True)
         return results
     slots = concurrent_slots(workers, cpus_per_worker, gpus_per_worker, placement.physical(ray.cluster_resources()))
     if max_concurrent > 0:
         slots = min(slots, max_concurrent)
-    logger.info("%d finetunes, %d at a time", len(todo), min(slots, len(todo)))
-    total, start = len(todo), time.time()
-    pending: dict[Any, FinetuneJob] = {}
-    while todo or pending:
-        while todo and len(pending) < slots:
-            job = todo.pop(0)
-            pending[_fit.remote([job], workers, cpus_per_worker, gpus_per_worker, max_failures, storage_path)] = job
+    lanes = plan_lanes(todo, slots, checkpointed_runs(storage_path))
+    logger.info("%d finetunes in %d lanes at once: %s", len(todo), len(lanes),
+                "; ".join(", ".join(j.name for j in lane) for _, lane in lanes))
+    pending = {_fit.remote(lane, workers, cpus_per_worker, gpus_per_worker, max_failures, storage_path,
+                           run_name=name): lane for name, lane in lanes}
+    while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        job = pending.pop(done[0])
+        lane = pending.pop(done[0])
         results.update(ray.get(done[0]))
-        m = results[job.name]
-        logger.info("finetune %s done (%d/%d, %.0fs): %d examples, loss %.4f -> %.4f", job.name,
-                    total - len(pending) - len(todo), total, time.time() - start, m["examples"], m["loss_before"],
-                    m["loss_after"])
+        for job in lane:
+            m = results[job.name]
+            logger.info("finetune %s done (%.0fs): %d examples, loss %.4f -> %.4f", job.name, time.time() - start,
+                        m["examples"], m["loss_before"], m["loss_after"])
+    shutil.rmtree(storage_path, ignore_errors=True)  # every run's own was removed; what a killed lane left
     return results

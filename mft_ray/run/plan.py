@@ -161,9 +161,10 @@ class ResourcePlan:
             lines.append(f"  memory {where}, estimated: " + ("unknown (set model.num_parameters)" if m is None else
                          f"{m['total']:.1f} GiB = " + " + ".join(f"{k} {v:.1f}" for k, v in m.items() if k != "total")))
             if f.at_once is not None:
-                waves = math.ceil(f.units / f.at_once) if f.at_once else 0
+                per_lane = math.ceil(f.units / f.at_once) if f.at_once else 0
                 lines.append(f"  at once on the cluster: {f.at_once} of {f.units}" +
-                             (f" ({waves} wave(s) per iteration)" if f.at_once else ""))
+                             (f" ({min(f.at_once, f.units)} lane(s) of up to {per_lane} finetune(s) one after another "
+                              "per iteration)" if f.at_once else ""))
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"PROBLEM: {p}" for p in self.problems] or ["problems: none"]
         return "\n".join(lines)

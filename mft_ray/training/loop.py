@@ -8,6 +8,9 @@ base frozen) to ``output_dir``. The export goes to a temporary sibling directory
 place only when complete (with a manifest of its files, see ``mft_ray.training.export``), so a crash never
 leaves a directory that looks finished.
 
+Several finetunes may share one worker group (``train_lane_per_worker``): they train one after another,
+so a lane pays Ray Train's start-up (controller, worker processes, process group, imports) once.
+
 Fault tolerance: at the end of every epoch (and every ``checkpoint_every_steps`` optimizer steps, if
 set) each worker saves DeepSpeed's full training state (weights, optimizer, scheduler) plus its place
 in the data and reports it to Ray Train. When Ray Train restarts a failed worker group
@@ -119,6 +122,15 @@ def _state_problem(root: Path, fingerprint: str, world: int) -> str | None:
     return None
 
 
+def checkpoint_job(root: Path) -> str | None:
+    """The finetune whose training state the checkpoint directory ``root`` holds (None: unreadable, or
+    written before checkpoints named their job)."""
+    try:
+        return json.loads((root / "trainer_state_rank0.json").read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _save_state(engine: Any, state: dict[str, Any], rank: int, metrics: dict[str, Any]) -> None:
     """Save DeepSpeed's state and this rank's place in the data; report both to Ray Train (collective)."""
     import tempfile
@@ -147,6 +159,12 @@ def _restore(engine: Any, fingerprint: str, world: int, name: str) -> dict[str, 
     rank = ray.train.get_context().get_world_rank()
     with checkpoint.as_directory() as d:
         root = Path(d)
+        owner = checkpoint_job(root)
+        if owner is not None and owner != name:
+            # A lane restarted before this job's first checkpoint: the latest one is an earlier job's.
+            logger.info("%s: the latest checkpoint is %s's, an earlier finetune of this lane; training from the "
+                        "start", name, owner)
+            return None
         why = _state_problem(root, fingerprint, world)
         if why is not None:
             # Every rank reads the same files, so every rank decides the same way.
@@ -263,7 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed_at = state["next"] if state else None
     if state is None:
         engine.eval()
-        state = {"fingerprint": fingerprint, "next": 0, "loss_before": _mean_loss(engine, probe, pad_id,
+        state = {"fingerprint": fingerprint, "job": job.name, "next": 0, "loss_before": _mean_loss(engine, probe, pad_id,
                  spec.batch_size, device), "epoch_losses": [], "running": 0.0, "seen": 0}
     else:
         _set_rng(state["rng"])
@@ -314,8 +332,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resumed_at is not None:
         metrics["resumed_after_micro_batches"] = resumed_at
     _export(engine, model, tokenizer, job, metrics, rank)
+    engine.destroy()  # its optimizer's buffers and hooks: the next finetune of a lane needs the memory
     if dist.is_initialized():
         dist.barrier()
+
+
+def train_lane_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point for a lane: ``config["jobs"]`` (``FinetuneJob.to_loop_config`` each), trained one
+    after another by ``train_loop_per_worker`` in this worker group. A job whose export is already whole (it
+    finished before Ray Train restarted the group) is skipped; the job in progress resumes from the run's
+    latest checkpoint, which is its own (an earlier job's is ignored: its fingerprint differs)."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from mft_ray.training.export import checkpoint_problem
+
+    for job_config in config["jobs"]:
+        # Rank 0's view decides for every rank, so all of them train (and meet in collectives) together.
+        done = [checkpoint_problem(job_config["output_dir"]) is None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(done, src=0)
+        if done[0]:
+            logger.info("%s: already exported, skipping it in this lane", job_config["name"])
+            continue
+        train_loop_per_worker(job_config)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _with_adapter(model: Any, job: FinetuneJob) -> Any:

@@ -18,3 +18,77 @@ from actors.finetune import concurrent_slots
 ])
 def test_slots_are_what_the_cluster_holds_at_once(workers, cpus, gpus, total, slots) -> None:
     assert concurrent_slots(workers, cpus, gpus, total) == slots
+
+
+# -- lanes: several finetunes per Ray Train run (actors.finetune.plan_lanes) -----------------------------------
+
+
+def _job(name: str, cost: float = 1.0):
+    from mft_ray.training.spec import FinetuneJob
+
+    job = FinetuneJob(name, "base", f"/data/{name}.jsonl", f"/out/{name}", spec=None)  # type: ignore[arg-type]
+    object.__setattr__(job, "_cost", cost)  # read by _cost below instead of a data file's size
+    return job
+
+
+def _cost(job) -> float:
+    return job._cost
+
+
+def test_lanes_balance_the_work_longest_first():
+    from actors.finetune import plan_lanes
+
+    jobs = [_job("generator_0", 1), _job("generator_1", 4), _job("generator_2", 3), _job("critic_0", 9),
+            _job("critic_1", 4), _job("critic_2", 2)]
+    lanes = plan_lanes(jobs, 2, cost=_cost)
+    assert [(name, [j.name for j in lane]) for name, lane in lanes] == [
+        ("critic_0", ["critic_0", "critic_2", "generator_0"]),        # 9 + 2 + 1 = 12
+        ("generator_1", ["generator_1", "critic_1", "generator_2"]),  # 4 + 4 + 3 = 11
+    ]
+    assert sorted(j.name for _, lane in lanes for j in lane) == sorted(j.name for j in jobs)  # each once
+    # As many lanes as finetunes at most; one lane holds them all in order of their work.
+    assert [len(lane) for _, lane in plan_lanes(jobs[:3], 8, cost=_cost)] == [1, 1, 1]
+    assert [j.name for j in plan_lanes(jobs[:3], 1, cost=_cost)[0][1]] == ["generator_1", "generator_2", "generator_0"]
+
+
+def test_a_finetune_with_a_checkpoint_leads_the_lane_that_holds_it():
+    """A rerun resumes a killed finetune only in the Ray Train run (directory) that holds its checkpoint."""
+    from actors.finetune import plan_lanes
+
+    jobs = [_job("generator_0", 1), _job("generator_1", 4), _job("critic_0", 9), _job("critic_1", 2)]
+    # generator_0 was the second finetune of the lane "critic_1"; critic_1 itself was exported before the kill.
+    lanes = plan_lanes([j for j in jobs if j.name != "critic_1"], 2, {"generator_0": "critic_1"}, cost=_cost)
+    assert [(name, [j.name for j in lane]) for name, lane in lanes] == [
+        ("critic_1", ["generator_0", "generator_1"]), ("critic_0", ["critic_0"])]
+    # More checkpoints than lanes: the extra one trains from the start in another lane, never in a run named
+    # after a job whose directory holds someone else's state.
+    lanes = plan_lanes(jobs, 1, {"generator_0": "critic_1", "critic_0": "generator_0"}, cost=_cost)
+    assert [(name, [j.name for j in lane]) for name, lane in lanes] == [
+        ("critic_1", ["generator_0", "critic_0", "generator_1", "critic_1"])]
+    lanes = plan_lanes(jobs, 2, {"critic_0": "generator_1"}, cost=_cost)
+    assert [name for name, _ in lanes] == ["generator_1", "generator_1_"]
+
+
+def _ray_train_run(storage, run: str, job: str | None, registered: bool = True) -> None:
+    """A Ray Train run directory as Ray Train 2.60 leaves it: a snapshot naming its latest checkpoint, which
+    holds the training loop's state file."""
+    import json
+
+    ckpt = storage / run / "checkpoint_2026-12-04_10-00-00.000000"
+    ckpt.mkdir(parents=True)
+    state = {"fingerprint": "f", "next": 3, **({"job": job} if job else {})}
+    (ckpt / "trainer_state_rank0.json").write_text(json.dumps(state))
+    results = [{"checkpoint_dir_name": ckpt.name, "metrics": {}}] if registered else []
+    (storage / run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": results}))
+
+
+def test_checkpointed_runs_names_the_finetune_each_checkpoint_belongs_to(tmp_path):
+    from actors.finetune import checkpointed_runs
+
+    _ray_train_run(tmp_path, "critic_1", "generator_0")   # a lane's second finetune
+    _ray_train_run(tmp_path, "critic_2", None)            # written before lanes: the run's own finetune
+    _ray_train_run(tmp_path, "generator_2", "generator_2", registered=False)  # reported, never registered
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "checkpoint_manager_snapshot.json").write_text("{not json")
+    assert checkpointed_runs(str(tmp_path)) == {"generator_0": "critic_1", "critic_2": "critic_2"}
+    assert checkpointed_runs(str(tmp_path / "missing")) == {}

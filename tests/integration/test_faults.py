@@ -340,17 +340,19 @@ def _finetune_job(tmp_path: Path, model: str, tag: str, hook: Path | None, lora=
                        fault_hook=str(hook) if hook is not None else None)
 
 
-def _kill_worker_after_first_checkpoint(jobs: list, max_failures: int, hook: Path):
-    """Start one Ray Train run of ``jobs`` (one finetune, or LoRA adapters trained together); once its worker
-    has reported a checkpoint and parked, SIGKILL it; return the ref and the run's Ray Train directory."""
-    from actors.finetune import _fit, train_run_name
+def _kill_worker_after_first_checkpoint(jobs: list, max_failures: int, hook: Path, together: bool = False,
+                                        victim: str | None = None):
+    """Start one Ray Train run of ``jobs`` (a lane of finetunes, or LoRA adapters trained together); once its
+    worker has reported a checkpoint of ``victim`` (default: the first job) and parked, SIGKILL it; return the
+    ref and the run's Ray Train directory."""
+    from actors.finetune import _fit, checkpointed_runs, train_run_name
 
-    name = jobs[0].name  # the fault hook's files are named after the first job
+    name = victim or jobs[0].name  # the fault hook's files are named after the job
     hook.mkdir(exist_ok=True)
     (hook / f"{name}.hold").touch()
     (hook / f"{name}.pid").unlink(missing_ok=True)
     storage = str(Path(jobs[0].output_dir).parent / "ray_train")
-    ref = _fit.remote(jobs, 1, 0.5, 0.0, max_failures, storage)
+    ref = _fit.remote(jobs, 1, 0.5, 0.0, max_failures, storage, together=together)
     pid_file = hook / f"{name}.pid"
     deadline = time.time() + 240
     while not pid_file.exists() and time.time() < deadline:
@@ -358,10 +360,14 @@ def _kill_worker_after_first_checkpoint(jobs: list, max_failures: int, hook: Pat
     assert pid_file.exists(), "the training worker never reached its first checkpoint"
     # Ray Train's controller registers a reported checkpoint when it next polls the workers: kill only
     # once its run snapshot lists one (a checkpoint reported but not yet registered is lost with the worker).
-    experiment = Path(storage) / train_run_name(jobs)
-    while not _registered(experiment) and time.time() < deadline:
+    experiment = Path(storage) / train_run_name(jobs, together)
+
+    def registered() -> bool:  # in a lane: the victim's own checkpoint, not an earlier job's
+        return _registered(experiment) if together else checkpointed_runs(storage).get(name) == experiment.name
+
+    while not registered() and time.time() < deadline:
         time.sleep(0.1)
-    assert _registered(experiment), "Ray Train never registered the worker's checkpoint"
+    assert registered(), "Ray Train never registered the worker's checkpoint"
     os.kill(int(pid_file.read_text()), signal.SIGKILL)
     (hook / f"{name}.hold").unlink()
     return ref, experiment
@@ -387,9 +393,11 @@ def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, 
     from mft_ray.training.spec import LoraSpec
 
     hook = tmp_path / "hook"
-    # max_failures=0: the finetune fails, naming the agent and iteration; nothing looks finished.
+    # max_failures=0: the finetune fails, naming the agent and iteration; nothing looks finished. It is the
+    # second finetune of a lane: the first one's export, finished before the kill, stays.
+    first = _finetune_job(tmp_path, tiny_model, "fail", hook, name="critic_0")
     job = _finetune_job(tmp_path, tiny_model, "fail", hook)
-    ref, experiment = _kill_worker_after_first_checkpoint([job], 0, hook)
+    ref, experiment = _kill_worker_after_first_checkpoint([first, job], 0, hook, victim=job.name)
     with pytest.raises(FinetuneError) as failed:
         ray.get(ref, timeout=300)
     message = str(root_cause(failed.value))  # what `python -m jobs.iterate` prints (exit code 5)
@@ -398,6 +406,7 @@ def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, 
     assert len(message) < 500
     out = Path(job.output_dir)
     assert not out.exists() and not out.with_name(".generator_0.partial").exists()
+    assert checkpoint_problem(first.output_dir) is None, "the lane's finished finetune was lost"
     assert list(experiment.glob("checkpoint_*")), "its last checkpoint is kept for a rerun to resume from"
 
     # max_failures=1: Ray Train restarts the worker group, which resumes from the checkpoint. This half is two
@@ -408,7 +417,7 @@ def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, 
     lora = LoraSpec(4, 8.0, 0.0, ("q_proj", "v_proj"))
     jobs = [_finetune_job(tmp_path, tiny_model, "recover", hook, lora=lora, name=name)
             for name in ("generator_0", "critic_0")]
-    ref, experiment = _kill_worker_after_first_checkpoint(jobs, 1, hook)
+    ref, experiment = _kill_worker_after_first_checkpoint(jobs, 1, hook, together=True)
     metrics = ray.get(ref, timeout=300)
     steps_per_epoch = 6  # 24 examples, batch 4
     trained = {}

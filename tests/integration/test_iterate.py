@@ -94,15 +94,11 @@ def test_rerun_skips_every_finished_stage(full_run, testbed_mini):
 
 
 def _registered_checkpoints(iteration_dir: Path) -> set[str]:
-    """The finetunes of this iteration for which Ray Train has registered a training-state checkpoint."""
-    names = set()
-    for snap in iteration_dir.glob("ray_train/*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snap.read_text()).get("checkpoint_results"):
-                names.add(snap.parent.name)
-        except (OSError, ValueError):
-            pass
-    return names
+    """The finetunes of this iteration whose training state is Ray Train's latest registered checkpoint of a
+    run (of the lane training it)."""
+    from actors.finetune import checkpointed_runs
+
+    return set(checkpointed_runs(str(iteration_dir / "ray_train")))
 
 
 def _resumable_finetunes(iteration_dir: Path) -> set[str]:
@@ -169,9 +165,9 @@ def _unfinished_copy(run_dir: Path, dest: Path, redo: tuple[str, ...]) -> None:
 
 
 def test_driver_killed_mid_finetune_resumes_to_the_same_result(full_run, testbed_mini, tmp_path):
-    """SIGKILL the job driver (and its local Ray) while two of iteration 1's finetunes train, after their
-    first Ray Train checkpoint, then rerun the same command: the rerun keeps the finished finetunes, resumes
-    the killed ones from their checkpoints, and ends with the uninterrupted run's metrics and weights.
+    """SIGKILL the job driver (and its local Ray) while two of iteration 1's finetunes train (one lane), after
+    the first Ray Train checkpoint, then rerun the same command: the rerun keeps the finished finetunes, resumes
+    the killed one from its checkpoint, and ends with the uninterrupted run's metrics and weights.
 
     The run starts from a copy of the uninterrupted run's directory with two finetunes and everything after
     them removed (so only they train). Kills at every other stage of a 2-iteration run are in
@@ -182,8 +178,10 @@ def test_driver_killed_mid_finetune_resumes_to_the_same_result(full_run, testbed
     _unfinished_copy(run_dir, resumed, redo)
     kept = {p: p.stat().st_mtime_ns for p in resumed.rglob("*")
             if p.is_file() and p.parent.name in ("generator_1", "critic_2")}
+    # One lane: the two finetunes train one after another in one Ray Train run, killed in the first; the rerun
+    # resumes it in the run that holds its checkpoint (actors.finetune.plan_lanes), then trains the other.
     cmd = [sys.executable, "-m", "jobs.iterate", "--config", "jobs/configs/iterate_cpu.yaml", *OVERRIDES,
-           f"run_dir={resumed}", f"model.path={testbed_mini}"]
+           f"run_dir={resumed}", f"model.path={testbed_mini}", "finetune.max_concurrent=1"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     what, ready, delay = FINETUNE_KILL
     log = tmp_path / "killed_job.log"  # the killed job's own output, for a failure message
