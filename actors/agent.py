@@ -14,7 +14,8 @@ from typing import Any, Sequence
 import ray
 
 from mft_ray.config import ModelConfig
-from mft_ray.engines import Conversation, Engine, SamplingParams, make_engine
+from mft_ray.engines import Conversation, Engine, SamplingParams
+from mft_ray.engines.factory import make_engine
 from mft_ray.errors import EngineError
 from mft_ray.models.builtin import resolve_model_path
 from mft_ray.society.debate import (

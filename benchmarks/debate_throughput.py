@@ -98,7 +98,8 @@ def main() -> None:
 
     from actors.runtime import RayRuntime
     from mft_ray.config import load_config
-    from mft_ray.engines import SamplingParams, make_engine
+    from mft_ray.engines import SamplingParams
+    from mft_ray.engines.factory import make_engine
     from mft_ray.engines.vllm import auto_dtype
     from mft_ray.models.builtin import resolve_model_path
     from mft_ray.society.prompts import PromptSet

@@ -36,7 +36,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mft_ray.config import load_config
-    from mft_ray.engines import SamplingParams, make_engine
+    from mft_ray.engines import SamplingParams
+    from mft_ray.engines.factory import make_engine
     from mft_ray.models.builtin import resolve_model_path
     from mft_ray.models.testbed import is_hasty
     from mft_ray.society.debate import round1_messages

@@ -30,7 +30,8 @@ def main() -> None:
     import torch
 
     from mft_ray.config import BUILTIN_PREFIX, load_config
-    from mft_ray.engines import SamplingParams, make_engine
+    from mft_ray.engines import SamplingParams
+    from mft_ray.engines.factory import make_engine
     from mft_ray.metrics.accuracy import accuracy_with_stderr
     from mft_ray.models.builtin import builtin_model_dir, resolve_model_path
     from mft_ray.society.debate import round1_messages

@@ -1,45 +1,14 @@
 """Inference engines behind one small interface: a batch of conversations in, one text per conversation out.
 
-``make_engine`` builds the engine a ``ModelConfig`` names for an already resolved path (a local
+This package's top level holds the types every layer passes around (light: no torch). ``make_engine``
+(``mft_ray.engines.factory``) builds the engine a ``ModelConfig`` names for an already resolved path (a local
 checkpoint directory or a hub id; ``mft_ray.models.builtin.resolve_model_path`` turns ``builtin:`` names
 into directories first).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from mft_ray.config import ModelConfig
 from mft_ray.engines.base import Conversation, Engine, SamplingParams
-from mft_ray.engines.hf import HFEngine
-from mft_ray.engines.openai_compat import OpenAIEngine
-from mft_ray.engines.vllm import VLLMEngine  # imports vLLM itself only when an engine is built
 from mft_ray.errors import EngineError, ScoringNotSupported
 
-__all__ = ["Conversation", "Engine", "EngineError", "SamplingParams", "ScoringNotSupported", "make_engine"]
-
-
-def make_engine(model: ModelConfig, path: str | None = None, adapters: Sequence[str] = ()) -> Engine:
-    """Build the engine named by ``model.engine`` for ``path`` (default ``model.path``), already resolved, with
-    the LoRA ``adapters`` (directories) it will serve over that base model.
-
-    For ``engine: openai`` the path is the served model's name and is passed through untouched.
-    """
-    path = path or model.path
-    if model.engine == "openai":
-        if adapters:
-            raise EngineError("engine 'openai' cannot serve local LoRA adapters (finetune.adapter=lora)")
-        if not model.base_url:
-            raise EngineError("model.base_url is required for engine 'openai'")
-        return OpenAIEngine(path, model.base_url, api_key_env=model.api_key_env,
-                            timeout_s=model.request_timeout_s, max_retries=model.max_retries,
-                            backoff_s=model.retry_backoff_s, max_concurrency=model.max_concurrency)
-    if model.engine == "hf":
-        return HFEngine(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
-                        max_batch_size=model.max_batch_size, static_cache=model.static_cache, adapters=adapters)
-    if model.engine == "vllm":
-        return VLLMEngine(path, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
-                          tensor_parallel_size=model.tensor_parallel_size,
-                          gpu_memory_utilization=model.gpu_memory_utilization,
-                          max_model_len=model.max_model_len, kv_cache_gb=model.kv_cache_gb, adapters=adapters)
-    raise EngineError(f"model.engine: unknown engine {model.engine!r}")
+__all__ = ["Conversation", "Engine", "EngineError", "SamplingParams", "ScoringNotSupported"]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from mft_ray.config import ModelConfig
-from mft_ray.engines import SamplingParams, make_engine
+from mft_ray.engines import SamplingParams
+from mft_ray.engines.factory import make_engine
 from mft_ray.errors import EngineError
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16, seed=0)

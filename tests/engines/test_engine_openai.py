@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mft_ray.config import ModelConfig, load_config
-from mft_ray.engines import SamplingParams, make_engine
+from mft_ray.engines import SamplingParams
+from mft_ray.engines.factory import make_engine
 from mft_ray.engines.openai_compat import OpenAIEngine, _retry_after
 from mft_ray.errors import ConfigError, EngineError
 from tests.openai_server import Fault, OpenAITestServer

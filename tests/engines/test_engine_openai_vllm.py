@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from mft_ray.config import load_config
-from mft_ray.engines import SamplingParams, make_engine
+from mft_ray.engines import SamplingParams
+from mft_ray.engines.factory import make_engine
 from mft_ray.engines.openai_compat import OpenAIEngine
 from mft_ray.models.builtin import resolve_model_path
 from tests.conftest import free_port

@@ -251,9 +251,9 @@ def test_model_loaders_pass_the_setting_through() -> None:
 @pytest.mark.parametrize("trust", [False, True])
 def test_make_engine_hands_trust_remote_code_to_the_engine(engine: str, trust: bool,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from mft_ray import engines
     from mft_ray.config import ModelConfig
-    from mft_ray.engines import make_engine
+    from mft_ray.engines import factory
+    from mft_ray.engines.factory import make_engine
 
     seen: dict = {}
 
@@ -264,7 +264,7 @@ def test_make_engine_hands_trust_remote_code_to_the_engine(engine: str, trust: b
         def get_tokenizer(self) -> None:
             return None
 
-    monkeypatch.setattr(engines, "HFEngine", Recorder)
+    monkeypatch.setattr(factory, "HFEngine", Recorder)
     fake_vllm = types.ModuleType("vllm")
     fake_vllm.LLM = Recorder
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm)

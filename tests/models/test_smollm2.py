@@ -49,7 +49,8 @@ def test_chat_template_is_chatml_with_the_default_system_prompt_and_masks_only_r
 
 
 def test_hf_engine_answers_in_its_chat_format(smollm2_dir: Path) -> None:
-    from mft_ray.engines import SamplingParams, make_engine
+    from mft_ray.engines import SamplingParams
+    from mft_ray.engines.factory import make_engine
 
     engine = make_engine(ModelConfig(path=str(smollm2_dir), engine="hf", dtype="float32"), str(smollm2_dir))
     try:
