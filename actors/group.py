@@ -63,6 +63,7 @@ class SocietyGroup:
         self.actor_names = [f"{name}-agent-{i}" for i in range(len(groups))] if detached else []
         self.actors: list[Any] = []
         self.coordinator: Any | None = None
+        self._coordinator_settings: dict[str, Any] | None = None
         restarts = {} if max_restarts is None else {"max_restarts": max_restarts, "max_task_retries": 0}
         try:
             for i, group in enumerate(groups):
@@ -105,11 +106,16 @@ class SocietyGroup:
         return self.actor(member).score.remote(list(conversations), list(completions), member)
 
     def async_debate(self, iteration: int, split: str, problems: Sequence[tuple[str, str]],
-                     out_dir: str) -> ray.ObjectRef:
+                     out_dir: str, config: Config | None = None) -> ray.ObjectRef:
         """A debate of ``problems`` ([(id, question)]) by this society, driven by a coordinator actor that
-        writes the shards under ``out_dir``; its statistics when done."""
-        if self.coordinator is None:
-            self.coordinator = DebateCoordinator.remote(self.config.to_dict(), self.routes)
+        writes the shards under ``out_dir``; its statistics when done. ``config``: the debate's settings when
+        not the group's own (a society kept for another stage); a coordinator for them replaces the last one."""
+        settings = (config or self.config).to_dict()
+        if self.coordinator is None or settings != self._coordinator_settings:
+            if self.coordinator is not None:
+                ray.kill(self.coordinator)
+            self.coordinator = DebateCoordinator.remote(settings, self.routes)
+            self._coordinator_settings = settings
         return self.coordinator.run.remote(iteration, split, list(problems), out_dir)
 
     # -- teardown ----------------------------------------------------------------------------------

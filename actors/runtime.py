@@ -1,17 +1,23 @@
 """The stages' ``Runtime`` on Ray: what ``mft_ray.stages`` asks of the cluster, done with actors.
 
 Each call places what it needs (a ``SocietyGroup``, Ray Train workers), uses it and releases it, so the
-stages stay free of Ray and a test can hand them a fake runtime instead.
+stages stay free of Ray and a test can hand them a fake runtime instead. A runtime made with
+``keep_societies`` (``jobs.iterate``) keeps the last society placed until a call needs another society, the
+held-out scorer or the finetunes, or ``release``: a society that evaluates and then debates the finetune
+split (the same weights) is placed and loaded once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import ray
 
@@ -20,7 +26,8 @@ from actors.group import SocietyGroup
 from mft_ray.config import Config, FinetuneConfig
 from mft_ray.engines import Conversation, SamplingParams
 from mft_ray.errors import EngineError, PlacementError, root_cause
-from mft_ray.society.members import Member
+from mft_ray.methods.registry import prompt_set
+from mft_ray.society.members import Member, society_members
 from mft_ray.tasks import Problem
 from mft_ray.training.spec import FinetuneJob
 
@@ -70,17 +77,60 @@ class RayHeldoutScorer:
         self.group.shutdown()
 
 
+def society_key(config: Config, model_paths: Mapping[Member, str] | None) -> str:
+    """What a placed society is made of (its members' weights, model and resource settings, prompts): two
+    calls with the same key can be served by the same ``SocietyGroup``."""
+    members = society_members(config.debate.agents, config.debate.summarize)
+    paths = {str(m): (model_paths or {}).get(m, config.model.path) for m in members}
+    return json.dumps([dataclasses.asdict(config.model), dataclasses.asdict(config.resources), paths,
+                       repr(prompt_set(config))], sort_keys=True, default=str)
+
+
 class RayRuntime:
-    """``mft_ray.stages.Runtime`` on the Ray cluster this process is connected to."""
+    """``mft_ray.stages.Runtime`` on the Ray cluster this process is connected to. ``keep_societies``: keep the
+    last society placed between calls (see the module's docstring); ``release`` frees it."""
+
+    def __init__(self, keep_societies: bool = False) -> None:
+        self.keep_societies = keep_societies
+        self._kept: tuple[str, SocietyGroup] | None = None
+
+    @contextlib.contextmanager
+    def _society(self, config: Config, model_paths: Mapping[Member, str] | None, name: str) -> Iterator[SocietyGroup]:
+        """The society for ``config`` and ``model_paths``: the kept one if it is that society, else a new one
+        (released after the call unless societies are kept; a call that fails releases it)."""
+        key = society_key(config, model_paths)
+        if self._kept is not None and self._kept[0] == key:
+            logger.info("%s: the society placed as %s serves it too", name, self._kept[1].name)
+            group = self._kept[1]
+        else:
+            self.release()
+            group = SocietyGroup(config, model_paths, name=name)
+            if self.keep_societies:
+                self._kept = (key, group)
+        try:
+            yield group
+        except BaseException:
+            group.shutdown()
+            self._kept = None
+            raise
+        if not self.keep_societies:
+            group.shutdown()
+
+    def release(self) -> None:
+        """Shut down the kept society, if any."""
+        if self._kept is not None:
+            self._kept[1].shutdown()
+            self._kept = None
 
     def debate(self, config: Config, iteration: int, split: str, problems: Sequence[Problem], out_dir: str,
                model_paths: Mapping[Member, str] | None = None) -> dict[str, Any]:
-        """Debate ``problems`` with a society (placed, loaded, then released); write records to ``out_dir``.
+        """Debate ``problems`` with a society (placed and loaded, or the kept one); write records to ``out_dir``.
 
         Only ids and question texts reach the actors: ground-truth answers never leave the driver.
         """
-        with SocietyGroup(config, model_paths, name=f"society-iter{iteration}-{split}") as group:
-            return ray.get(group.async_debate(iteration, split, [(p.id, p.question) for p in problems], str(out_dir)))
+        with self._society(config, model_paths, f"society-iter{iteration}-{split}") as group:
+            return ray.get(group.async_debate(iteration, split, [(p.id, p.question) for p in problems], str(out_dir),
+                                              config=config))
 
     def generate(self, config: Config, model_paths: Mapping[Member, str] | None,
                  requests: Mapping[str, Sequence[Conversation]], seed_parts: Sequence[object],
@@ -93,7 +143,7 @@ class RayRuntime:
         wanted = {m: list(c) for m, c in requests.items() if c}
         if not wanted:
             return {m: [] for m in requests}
-        with SocietyGroup(config, model_paths, name=name) as group:
+        with self._society(config, model_paths, name) as group:
             base = SamplingParams.from_config(config.sampling)
             refs = {m: group.async_generate(m, convs, base.derive(*seed_parts, m)) for m, convs in wanted.items()}
             logger.info("%s: %d conversations for %s", name, sum(map(len, wanted.values())), ", ".join(wanted))
@@ -101,12 +151,14 @@ class RayRuntime:
         return {m: replies.get(m, []) for m in requests}
 
     def heldout_scorer(self, config: Config) -> RayHeldoutScorer:
+        self.release()  # a one-GPU node holds the society or the scorer, not both
         return RayHeldoutScorer(config)
 
     def check_finetunes_fit(self, finetune: FinetuneConfig) -> None:
         check_finetunes_fit(finetune.num_workers, finetune.cpus_per_worker, finetune.gpus_per_worker)
 
     def finetune(self, jobs: Sequence[FinetuneJob], finetune: FinetuneConfig, storage_path: str) -> dict[str, Any]:
+        self.release()  # the finetunes need the society's resources
         return run_finetunes(list(jobs), storage_path, finetune.num_workers, finetune.cpus_per_worker,
                              finetune.gpus_per_worker, finetune.max_failures, finetune.max_concurrent,
                              together=finetune.adapter == "lora" and finetune.adapters_together)
@@ -114,9 +166,12 @@ class RayRuntime:
 
 # A local Ray's raylet waits a hard-coded 15 s for its dashboard agent to write its ports and aborts after
 # that (ray-project/ray#65983, open on Ray 2.60); ray.init then gives up 30 s later with this message. Seen on
-# a 2-core machine under load (CI); a second start, once the load has moved on, works.
-LOCAL_START_ATTEMPTS = 3
+# a 2-core machine under load (CI): once three starts in a row failed while another job ran vLLM and Ray
+# Train on both cores for minutes, so the starts are spaced out (10, 20, 30, 40 s between them) to outlast
+# such a spell; a start once the load has moved on works.
+LOCAL_START_ATTEMPTS = 5
 _START_TIMEOUT = "timed out during startup"
+_START_BACKOFF_S = 10.0
 
 
 def start_local_ray(**init_kwargs: Any) -> None:
@@ -133,7 +188,7 @@ def start_local_ray(**init_kwargs: Any) -> None:
                            "dashboard agent, ray-project/ray#65983): starting it again (attempt %d of %d)",
                            str(exc).split(".")[0], attempt + 1, LOCAL_START_ATTEMPTS)
             ray.shutdown()
-            time.sleep(attempt)
+            time.sleep(_START_BACKOFF_S * attempt)
 
 
 def init_ray() -> None:
@@ -152,7 +207,8 @@ def init_ray() -> None:
     logger.info("ray: %s", ray.cluster_resources())
 
 
-def connect_ray() -> RayRuntime:
-    """Start (or join) Ray and return the stages' runtime on it: what a job passes to ``run_algorithm``."""
+def connect_ray(keep_societies: bool = False) -> RayRuntime:
+    """Start (or join) Ray and return the stages' runtime on it: what a job passes to ``run_algorithm``
+    (``keep_societies``: see ``RayRuntime``)."""
     init_ray()
-    return RayRuntime()
+    return RayRuntime(keep_societies)

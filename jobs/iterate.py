@@ -11,6 +11,7 @@ or ablation) on Ray. Rerunning the same command after a crash resumes where it s
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any, Sequence
 
 from actors.runtime import connect_ray
@@ -22,7 +23,7 @@ from mft_ray.config import Config
 def main(config: Config) -> dict[str, Any]:
     """Run (or resume) Algorithm 1 for ``config`` on Ray (started, or joined, once the checks that need no
     cluster have passed); returns the run's summary (also <run_dir>/metrics.json)."""
-    return run_algorithm(config, connect_ray)
+    return run_algorithm(config, partial(connect_ray, keep_societies=True))
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

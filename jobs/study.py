@@ -22,6 +22,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def main(config_path: str | None, overrides: Sequence[str], methods: Sequence[st
     for name in methods:
         logger.info("study: method %s in %s", name, out / name)
         config = load_config(config_path, [*overrides, f"method={name}", f"run_dir={out / name}"])
-        run_algorithm(config, connect_ray)
+        run_algorithm(config, partial(connect_ray, keep_societies=True))
     runs = {name: load_run(out / name) for name in methods}
     rows = study_rows(runs)
     write_json_atomic(results_json(rows), out / RESULTS)

@@ -22,13 +22,15 @@ from typing import Any, Callable
 from mft_ray import stages
 from mft_ray.config import Config
 from mft_ray.errors import ConfigError
-from mft_ray.methods.registry import describe, get_method, method_config
+from mft_ray.methods.registry import Method, describe, get_method, method_config
 from mft_ray.models.builtin import build_builtin_model
 from mft_ray.reports.run_report import write_report
 from mft_ray.run.files import write_json_atomic
 from mft_ray.run.preflight import check_config, check_model_endpoint, require_problems
 from mft_ray.run.rundir import RunDir
 from mft_ray.tasks import make_splits, make_task
+from mft_ray.tasks.base import Task
+from mft_ray.tasks.splits import Splits
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,16 @@ def run_algorithm(config: Config, connect: Callable[[], stages.Runtime]) -> dict
     run.prepare(given)
     run.record_base_model(base)
     runtime = connect()
+    try:
+        return _iterate(config, collect, given, method, run, task, splits, runtime)
+    finally:
+        runtime.release()
+
+
+def _iterate(config: Config, collect: Config, given: Config, method: Method, run: RunDir, task: Task,
+             splits: Splits, runtime: stages.Runtime) -> dict[str, Any]:
+    """Algorithm 1's loop on a connected runtime (``run_algorithm`` has checked everything else)."""
+    L = config.finetune.iterations
     if any(run.read_society(it) is None for it in range(1, L + 1)):
         runtime.check_finetunes_fit(config.finetune)  # before any debate: a finetune that can never be placed
     summary: dict[str, Any] = {"task": config.task.name, "method": method.name, "method_info": describe(given),

@@ -75,6 +75,9 @@ class Runtime(Protocol):
     def finetune(self, jobs: Sequence[FinetuneJob], finetune: FinetuneConfig, storage_path: str) -> dict[str, Any]:
         """Run every job not already complete, concurrently; each job's training metrics by name."""
 
+    def release(self) -> None:
+        """Free whatever the runtime keeps placed between calls (a society that may debate again)."""
+
 
 # -- society -----------------------------------------------------------------------------------------
 

@@ -45,15 +45,28 @@ def _differs(a: dict, b: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def full_run(ray_cluster, testbed_mini, tmp_path_factory):
+    """The uninterrupted run: its directory, its summary, and the names of the societies it placed."""
+    import actors.runtime
     from jobs.iterate import main
 
+    placed = []
+
+    class Recorded(actors.runtime.SocietyGroup):
+        def __init__(self, *args, **kwargs) -> None:
+            placed.append(kwargs["name"])
+            super().__init__(*args, **kwargs)
+
     run_dir = tmp_path_factory.mktemp("iterate") / "run"
-    summary = main(_config(run_dir, testbed_mini))
-    return run_dir, summary
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(actors.runtime, "SocietyGroup", Recorded)
+        summary = main(_config(run_dir, testbed_mini))
+    return run_dir, summary, placed
 
 
 def test_an_iteration_produces_metrics_datasets_and_checkpoints(full_run, testbed_mini):
-    run_dir, summary = full_run
+    run_dir, summary, placed = full_run
+    # Society 0 is placed once: it evaluates, then debates the finetune split; then the finetunes take the CPUs.
+    assert placed == ["society-iter0-eval", "society-iter1-eval"], placed
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert [e["iteration"] for e in saved["iterations"]] == [0, 1]
     for entry in saved["iterations"]:
@@ -82,7 +95,7 @@ def test_an_iteration_produces_metrics_datasets_and_checkpoints(full_run, testbe
 def test_rerun_skips_every_finished_stage(full_run, testbed_mini):
     from jobs.iterate import main
 
-    run_dir, first = full_run
+    run_dir, first, _ = full_run
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and "ray_train" not in p.parts}
     start = time.time()
     again = main(_config(run_dir, testbed_mini))
@@ -164,7 +177,7 @@ def _unfinished_copy(run_dir: Path, dest: Path, redo: tuple[str, ...]) -> None:
         (dest / name).unlink(missing_ok=True)
 
 
-def test_driver_killed_mid_finetune_resumes_to_the_same_result(full_run, testbed_mini, tmp_path):
+def test_driver_killed_mid_finetune_resumes_to_the_same_result(full_run, ray_cluster, testbed_mini, tmp_path):
     """SIGKILL the job driver (and its local Ray) while two of iteration 1's finetunes train (one lane), after
     the first Ray Train checkpoint, then rerun the same command: the rerun keeps the finished finetunes, resumes
     the killed one from its checkpoint, and ends with the uninterrupted run's metrics and weights.
@@ -172,7 +185,7 @@ def test_driver_killed_mid_finetune_resumes_to_the_same_result(full_run, testbed
     The run starts from a copy of the uninterrupted run's directory with two finetunes and everything after
     them removed (so only they train). Kills at every other stage of a 2-iteration run are in
     benchmarks/faults.py."""
-    run_dir, first = full_run
+    run_dir, first, _ = full_run
     resumed = tmp_path / "run"
     redo = ("generator_0", "critic_0")
     _unfinished_copy(run_dir, resumed, redo)
@@ -187,7 +200,7 @@ def test_driver_killed_mid_finetune_resumes_to_the_same_result(full_run, testbed
     log = tmp_path / "killed_job.log"  # the killed job's own output, for a failure message
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 400
+    deadline = time.time() + 900  # a hang guard: the job's local Ray may need several starts under load
     while time.time() < deadline and not ready(resumed) and proc.poll() is None:
         time.sleep(0.1)
     assert ready(resumed), \
@@ -201,6 +214,8 @@ def test_driver_killed_mid_finetune_resumes_to_the_same_result(full_run, testbed
     summary = resumed / "metrics.json"  # iteration 0's entry at most
     assert not summary.exists() or len(json.loads(summary.read_text())["iterations"]) < 2
     _assert_nothing_half_written(resumed)
+    # The rerun joins this module's Ray (the killed run's local one is gone): one Ray start fewer on 2 cores.
+    env["RAY_ADDRESS"] = ray_cluster.get_runtime_context().gcs_address
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     final = json.loads((resumed / "metrics.json").read_text())

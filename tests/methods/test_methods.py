@@ -383,7 +383,7 @@ def _drive(monkeypatch, run_dir: Path, model: str, method: str, *overrides: str)
     monkeypatch.setattr(algorithm, "write_report", lambda run, summary: "table")
     # The stages' runtime with every Ray call faked (stages.Runtime's methods).
     runtime = SimpleNamespace(debate=fake_debate, generate=fake_generate, check_finetunes_fit=lambda ft: None,
-                              finetune=lambda jobs, ft, storage_path: fake_finetunes(jobs))
+                              finetune=lambda jobs, ft, storage_path: fake_finetunes(jobs), release=lambda: None)
     config = load_config(None, [f"run_dir={run_dir}", f"model.path={model}", f"method={method}", "task.max_int=3",
                                 "task.finetune_size=6", "task.eval_size=3", "finetune.iterations=1",
                                 "debate.agents=3", "debate.rounds=2", "sampling.temperature=0.7", *overrides])
