@@ -64,7 +64,7 @@ def full_run(ray_cluster, testbed_mini, tmp_path_factory):
 
 
 def test_an_iteration_produces_metrics_datasets_and_checkpoints(full_run, testbed_mini):
-    run_dir, summary, placed = full_run
+    run_dir, _, placed = full_run
     # Society 0 is placed once: it evaluates, then debates the finetune split; then the finetunes take the CPUs.
     assert placed == ["society-iter0-eval", "society-iter1-eval"], placed
     saved = json.loads((run_dir / "metrics.json").read_text())
