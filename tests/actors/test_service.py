@@ -26,7 +26,8 @@ MFT = str(Path(sys.executable).parent / "mft")
 QUESTIONS = ["What is the result of 1+2*3+0-1*2?", "What is the result of 3+1*2+2-0*1?"]
 
 # A Ray Client process: two users ask at once (threads released together), each event stamped with its
-# arrival time; afterwards the service's info. One JSON object on the last line.
+# arrival time; afterwards the service's info, once it has counted argv[3] questions (the other client's
+# too, which may still be connecting) or after 240 s. One JSON object on the last line.
 CLIENT = r"""
 import json, sys, threading, time
 from actors.service import attach, connect
@@ -44,8 +45,12 @@ def ask(k, q):
 threads = [threading.Thread(target=ask, args=(k, q)) for k, q in enumerate(questions)]
 [t.start() for t in threads]
 [t.join() for t in threads]
+info, deadline = client.info(), time.time() + 240
+while info["questions_asked"] < int(sys.argv[3]) and time.time() < deadline:
+    time.sleep(0.5)
+    info = client.info()
 print(json.dumps({"asks": [got[k] for k in range(len(questions))], "sent": [sent[k] for k in range(len(questions))],
-                  "info": client.info()}))
+                  "info": info}))
 """
 
 # After `mft stop`: what is left on the cluster.
@@ -176,7 +181,7 @@ def test_serve_ask_from_ray_client_and_stop(head, testbed_mini, tmp_path):
     # Two separate client processes at once: a Python one (two threaded askers) and `mft ask`.
     cli_ask = subprocess.Popen([MFT, "ask", "--address", head["client"], QUESTIONS[0]], env=env, cwd="/tmp",
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    got = _python(env, CLIENT, head["client"], json.dumps(QUESTIONS))
+    got = _python(env, CLIENT, head["client"], json.dumps(QUESTIONS), str(len(QUESTIONS) + 1))
     out, err = cli_ask.communicate(timeout=300)
     assert cli_ask.returncode == 0, out[-3000:] + err[-3000:]
 
