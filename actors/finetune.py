@@ -89,7 +89,8 @@ def _fit(jobs: list[FinetuneJob], workers: int, cpus: float, gpus: float, max_fa
         train_loop_config={"jobs": configs},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=max_failures),
+                             # ``max_failures`` restarts per finetune, pooled within the lane.
+                             failure_config=FailureConfig(max_failures=max_failures * (1 if together else len(jobs))),
                              # The latest state is all a restart needs; older ones only cost disk.
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
@@ -99,7 +100,12 @@ def _fit(jobs: list[FinetuneJob], workers: int, cpus: float, gpus: float, max_fa
         for job in jobs:  # where the loop exports before the rename
             shutil.rmtree(partial_path(job.output_dir), ignore_errors=True)
         # A lane's finetunes before the failed one are exported and stay; the failed one is the first without.
-        failed = [j for j in jobs if checkpoint_problem(j.output_dir) is not None] or jobs
+        failed = [j for j in jobs if checkpoint_problem(j.output_dir) is not None]
+        if not failed:  # e.g. a worker lost after the last export: every checkpoint is whole, nothing to redo
+            logger.warning("finetunes %s: Ray Train failed after every export was complete (%s); keeping them",
+                           ", ".join(j.name for j in jobs), _cause(exc))
+            shutil.rmtree(experiment, ignore_errors=True)
+            return {job.name: read_train_metrics(job.output_dir) for job in jobs}
         what = (f"the adapters {', '.join(j.name for j in jobs)}" if together else failed[0].describe())
         outputs = ", ".join(j.output_dir for j in (jobs if together else failed))
         raise FinetuneError(

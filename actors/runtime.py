@@ -4,7 +4,7 @@ Each call places what it needs (a ``SocietyGroup``, Ray Train workers), uses it 
 stages stay free of Ray and a test can hand them a fake runtime instead. A runtime made with
 ``keep_societies`` (``jobs.iterate``) keeps the last society placed until a call needs another society, the
 held-out scorer or the finetunes, or ``release``: a society that evaluates and then debates the finetune
-split (the same weights) is placed and loaded once.
+split (the same weights) is placed and loaded once, when no held-out NLL is scored between the two.
 """
 
 from __future__ import annotations

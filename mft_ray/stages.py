@@ -59,7 +59,8 @@ class Runtime(Protocol):
 
     def debate(self, config: Config, iteration: int, split: str, problems: Sequence[Problem], out_dir: str,
                model_paths: Mapping[Member, str] | None = None) -> dict[str, Any]:
-        """Debate ``problems`` with a society (placed, loaded, released); write shards under ``out_dir``."""
+        """Debate ``problems`` with a society (placed and loaded, or one still placed for it); write shards
+        under ``out_dir``."""
 
     def generate(self, config: Config, model_paths: Mapping[Member, str] | None,
                  requests: Mapping[str, Sequence[Conversation]], seed_parts: Sequence[object],

@@ -163,8 +163,8 @@ class ResourcePlan:
             if f.at_once is not None:
                 per_lane = math.ceil(f.units / f.at_once) if f.at_once else 0
                 lines.append(f"  at once on the cluster: {f.at_once} of {f.units}" +
-                             (f" ({min(f.at_once, f.units)} lane(s) of up to {per_lane} finetune(s) one after another "
-                              "per iteration)" if f.at_once else ""))
+                             (f" ({min(f.at_once, f.units)} lane(s), ~{per_lane} finetune(s) each one after "
+                              "another, per iteration)" if f.at_once else ""))
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"PROBLEM: {p}" for p in self.problems] or ["problems: none"]
         return "\n".join(lines)

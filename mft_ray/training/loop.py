@@ -285,6 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  spec.batch_size, device), "epoch_losses": [], "running": 0.0, "seen": 0}
     else:
         _set_rng(state["rng"])
+        state["job"] = job.name  # a checkpoint written before checkpoints named their job
     hook_pending = resumed_at is None
     engine.train()
     for epoch in range(spec.epochs):

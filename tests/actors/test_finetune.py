@@ -8,8 +8,8 @@ from actors.finetune import concurrent_slots
 
 
 @pytest.mark.parametrize(("workers", "cpus", "gpus", "total", "slots"), [
-    (1, 0.5, 0.0, {"CPU": 2.0}, 4),                    # the CPU tests: 4 of 6 at a time
-    (1, 1.0, 0.0, {"CPU": 2.0}, 2),
+    (1, 0.5, 0.0, {"CPU": 2.0}, 4),                    # half a core per worker: 4 lanes on 2 cores
+    (1, 1.0, 0.0, {"CPU": 2.0}, 2),                    # the CPU configs: 2 lanes
     (4, 8.0, 1.0, {"CPU": 96.0, "GPU": 8.0}, 2),       # Llama-3-8B on 8 x H100: GPUs bound it
     (4, 8.0, 1.0, {"CPU": 40.0, "GPU": 16.0}, 1),      # CPUs bound it
     (1, 0.0, 0.0, {"CPU": 2.0}, 1),                    # asks for nothing: one at a time, not unbounded

@@ -409,6 +409,18 @@ def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, 
     assert checkpoint_problem(first.output_dir) is None, "the lane's finished finetune was lost"
     assert list(experiment.glob("checkpoint_*")), "its last checkpoint is kept for a rerun to resume from"
 
+    # The rerun (the driver's own path) resumes it from that checkpoint, in the run named after the lane's first
+    # finetune, which holds it (actors.finetune.checkpointed_runs, plan_lanes); the exported one is kept as is.
+    from actors.finetune import run_finetunes
+
+    steps_per_epoch = 6  # 24 examples, batch 4
+    exported = {p: p.stat().st_mtime_ns for p in Path(first.output_dir).iterdir()}
+    again = run_finetunes([first, job], str(experiment.parent), cpus_per_worker=0.5)
+    assert again[job.name]["resumed_after_micro_batches"] == steps_per_epoch  # the end of epoch 1
+    assert len(again[job.name]["epoch_losses"]) == 3 and checkpoint_problem(job.output_dir) is None
+    assert {p: p.stat().st_mtime_ns for p in Path(first.output_dir).iterdir()} == exported
+    assert not experiment.parent.exists()  # the iteration's Ray Train storage goes once every finetune is exported
+
     # max_failures=1: Ray Train restarts the worker group, which resumes from the checkpoint. This half is two
     # LoRA adapters trained together (finetune.adapter: lora with adapters_together, mft_ray/training/
     # joint_lora.py): every adapter and optimizer state resumes. A full finetune's resume is checked where an
@@ -419,7 +431,6 @@ def test_train_worker_killed_mid_finetune_resumes_or_fails_clearly(ray_cluster, 
             for name in ("generator_0", "critic_0")]
     ref, experiment = _kill_worker_after_first_checkpoint(jobs, 1, hook, together=True)
     metrics = ray.get(ref, timeout=300)
-    steps_per_epoch = 6  # 24 examples, batch 4
     trained = {}
     for job in jobs:
         m = metrics[job.name]
