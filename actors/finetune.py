@@ -48,18 +48,24 @@ logger = logging.getLogger(__name__)
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
 
+def _checkpoint_dirs(experiment: Path) -> list[Path] | None:
+    """The checkpoint directories Ray Train's snapshot of the run in ``experiment`` registers, oldest first
+    ([] without a snapshot); None if the snapshot cannot be read."""
+    snapshot = experiment / SNAPSHOT
+    if not snapshot.exists():
+        return []
+    try:
+        return [experiment / r["checkpoint_dir_name"]
+                for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _usable_storage(experiment: Path) -> bool:
     """False if a Ray Train run in ``experiment`` cannot be resumed: its snapshot does not parse or names
     a checkpoint directory that is gone (Ray Train would then refuse to start the run at all)."""
-    snapshot = experiment / SNAPSHOT
-    if not snapshot.exists():
-        return True
-    try:
-        state = json.loads(snapshot.read_text())
-        names = [r["checkpoint_dir_name"] for r in state.get("checkpoint_results", [])]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    return all((experiment / n).is_dir() for n in names)
+    dirs = _checkpoint_dirs(experiment)
+    return dirs is not None and all(d.is_dir() for d in dirs)
 
 
 def train_run_name(jobs: list[FinetuneJob], together: bool = False) -> str:
@@ -205,15 +211,11 @@ def checkpointed_runs(storage_path: str) -> dict[str, str]:
     owners: dict[str, str] = {}
     for snapshot in sorted(Path(storage_path).glob(f"*/{SNAPSHOT}")):
         experiment = snapshot.parent
-        try:
-            results = json.loads(snapshot.read_text()).get("checkpoint_results") or []
-            latest = experiment / results[-1]["checkpoint_dir_name"] if results else None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-        if latest is None or not latest.is_dir():
+        dirs = _checkpoint_dirs(experiment)
+        if not dirs or not dirs[-1].is_dir():
             continue
         # A checkpoint from before lanes has no job name: its run was one finetune, named after it.
-        owners.setdefault(checkpoint_job(latest) or experiment.name, experiment.name)
+        owners.setdefault(checkpoint_job(dirs[-1]) or experiment.name, experiment.name)
     return owners
 
 
