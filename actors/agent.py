@@ -83,7 +83,8 @@ class AgentActor:
     def info(self) -> dict[str, Any]:
         """Who this actor serves; raises the engine's load error if the model could not be loaded."""
         return {"pid": os.getpid(), "members": self.members, "model_path": self.engine.model_path,
-                "adapters": self.adapters, "node": ray.get_runtime_context().get_node_id()}
+                "engine": type(self.engine).__name__, "adapters": self.adapters,
+                "node": ray.get_runtime_context().get_node_id()}
 
     def generate(self, conversations: Sequence[Conversation], sampling: SamplingParams,
                  member: str | None = None) -> list[str]:

@@ -1,11 +1,11 @@
 """A LoRA society (``finetune.adapter: lora``): every agent is the frozen base model plus its own adapter.
 
 Without Ray: the config and training spec, the engine plan (one engine for a whole LoRA society), the
-HF engine answering each row with its own adapter. On real Ray + Ray Train: one iteration of the mini
-testbed with 2 agents (their adapters trained together in one Ray Train run over one copy of the base),
-whose adapters differ from each other and from the base, served by one engine, and one of them exported as a
-merged checkpoint. The vLLM engine's adapters are tested in tests/engines/test_engine_vllm.py (the testbed's
-head size is too small for vLLM's CPU attention).
+HF engine answering each row with its own adapter. On real Ray + Ray Train: one iteration of the real model
+(the built-in SmolLM2-135M-Instruct on the vLLM engine, the shipped smollm2_cpu.yaml) with 2 agents, their
+adapters trained together in one Ray Train run over one copy of the base; the adapters differ from each
+other and from the base, one vLLM engine serves the whole society, and one agent is exported as a merged
+checkpoint. Resuming a killed adapter training is tested in tests/integration/test_faults.py.
 """
 
 from __future__ import annotations
@@ -143,8 +143,15 @@ def _lora_weights(adapter: str) -> dict:
     return load_file(str(Path(adapter) / ADAPTER_WEIGHTS))
 
 
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    from mft_ray.models.builtin import resolve_model_path
+
+    return resolve_model_path("builtin:smollm2-135m-instruct")
+
+
 @pytest.mark.integration
-def test_a_lora_society_finetunes_and_debates_on_one_engine(ray_cluster, testbed_mini, tmp_path):
+def test_a_lora_society_of_the_real_model_finetunes_and_debates_on_one_vllm_engine(ray_cluster, smollm2, tmp_path):
     import ray
 
     from actors.group import SocietyGroup
@@ -155,11 +162,14 @@ def test_a_lora_society_finetunes_and_debates_on_one_engine(ray_cluster, testbed
     from mft_ray.run.rundir import RunDir
 
     run_dir = tmp_path / "run"
-    config = load_config(REPO / "jobs/configs/iterate_cpu.yaml", [
-        f"run_dir={run_dir}", f"model.path={testbed_mini}", "finetune.iterations=1", "debate.agents=2",
-        "task.finetune_size=12", "task.eval_size=6", "debate.shard_size=12", "finetune.adapter=lora",
-        "finetune.zero_stage=2", "finetune.lora.rank=4", "finetune.generator.learning_rate=5e-4",
-        "finetune.critic.learning_rate=5e-4", "metrics.embedding=false", "metrics.nll_problems=0"])
+    # The shipped real-model config, shrunk: 2 agents, 4 + 2 problems, short replies, one iteration.
+    config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", [
+        f"run_dir={run_dir}", "finetune.iterations=1", "debate.agents=2", "task.finetune_size=4",
+        "task.eval_size=2", "debate.shard_size=4", "sampling.max_new_tokens=40", "finetune.adapter=lora",
+        "finetune.lora.rank=4", "finetune.generator.learning_rate=1e-4", "finetune.critic.learning_rate=1e-4",
+        "finetune.generator.max_length=384", "finetune.critic.max_length=768", "model.max_model_len=1024",
+        "model.kv_cache_gb=0.25", "metrics.embedding=false", "metrics.nll_problems=0"])
+    assert config.model.engine == "vllm"
     summary = iterate(config)
     assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
 
@@ -173,7 +183,7 @@ def test_a_lora_society_finetunes_and_debates_on_one_engine(ray_cluster, testbed
     for name in finetunes:  # every trained agent is an adapter of the base: a few files, whole, loss fell
         adapter = society[name]
         assert adapter == str(run.agent_dir(1, name)) and checkpoint_problem(adapter) is None
-        assert adapter_base(adapter) == testbed_mini and not (Path(adapter) / "config.json").exists()
+        assert adapter_base(adapter) == smollm2 and not (Path(adapter) / "config.json").exists()
         assert finetunes[name]["loss_after"] < finetunes[name]["loss_before"], finetunes[name]
         weights[name] = _lora_weights(adapter)
         # A new adapter's B is zero (the base model); training moved it.
@@ -183,12 +193,13 @@ def test_a_lora_society_finetunes_and_debates_on_one_engine(ray_cluster, testbed
         for b in names[i + 1:]:
             assert any((weights[a][k] - weights[b][k]).abs().max() > 0 for k in weights[a]), (a, b)
 
-    # Society 1 on one engine: one agent actor, holding every trained member's adapter.
+    # Society 1 on one vLLM engine: one agent actor, holding every trained member's adapter.
     with SocietyGroup(config, {m: society[str(m)] for m in society_members(2, True) if str(m) in society},
                       name="lora-society") as group:
         info = ray.get(group.actors[0].info.remote())
         assert len(group.actors) == 1 and _agent_processes(_ppid(info["pid"])) == 1
-        assert info["model_path"] == testbed_mini and set(info["adapters"]) == set(finetunes)
+        assert info["model_path"] == smollm2 and set(info["adapters"]) == set(finetunes)
+        assert info["engine"] == "VLLMEngine"
         out = tmp_path / "debate"
         stats = ray.get(group.async_debate(1, "eval", [("p0", "What is 2 + 3?"), ("p1", "What is 4 + 4?")],
                                            str(out)))
@@ -197,7 +208,7 @@ def test_a_lora_society_finetunes_and_debates_on_one_engine(ray_cluster, testbed
     assert {(r["role"], r["agent"]) for r in records} == {(role, n) for role in ("generator", "critic", "summarizer")
                                                           for n in range(2)}
     # The evaluation debate of iteration 1 ran on the adapters too: it is on disk, complete.
-    assert len({r["problem_id"] for r in read_records(run.debate_dir(1, "eval")).to_pylist()}) == 6
+    assert len({r["problem_id"] for r in read_records(run.debate_dir(1, "eval")).to_pylist()}) == 2
 
     # `mft export` merges one agent into a full checkpoint that answers as base + adapter does.
     member = names[0]
@@ -207,6 +218,7 @@ def test_a_lora_society_finetunes_and_debates_on_one_engine(ray_cluster, testbed
     assert checkpoint_problem(merged, require_metrics=False) is None
     completion = ["2 + 3 = 5"]
     full = HFEngine(str(merged)).score([QUESTION], completion)
-    adapted = HFEngine(testbed_mini, adapters=[society[member]]).score([QUESTION], completion, society[member])
-    assert full == pytest.approx(adapted, rel=1e-4)
+    adapted = HFEngine(smollm2, adapters=[society[member]]).score([QUESTION], completion, society[member])
+    # Merging adds B @ A into 30 layers' float32 weights: rounding moves the NLL by ~1e-4 relative.
+    assert full == pytest.approx(adapted, rel=1e-3)
     assert mft(export) == 2  # never over an existing directory
