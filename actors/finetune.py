@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -164,6 +165,17 @@ def concurrent_slots(workers: int, cpus_per_worker: float, gpus_per_worker: floa
     return max(1, min(slots, default=1))
 
 
+def together_cpus(cpus_per_worker: float, slots: int, largest_node: float, free: float) -> float:
+    """The CPUs of the one CPU worker that trains a LoRA society's adapters together: what the ``slots``
+    lanes of separate finetunes would use, within the largest node and what is free now (never fewer than
+    ``cpus_per_worker``). Adapters share one copy of the base in one process, so their run is one worker;
+    more CPUs make it more torch threads (Ray sets OMP_NUM_THREADS to a worker's whole CPUs), and the
+    training itself (data order, batches) is unchanged. Counting only free CPUs keeps the worker from
+    waiting for CPUs another job holds."""
+    wide = math.floor(min(cpus_per_worker * slots, largest_node, free) + 1e-9)
+    return max(cpus_per_worker, float(wide))
+
+
 def job_cost(job: FinetuneJob) -> float:
     """A finetune's share of a lane's work: its data file's size times its epochs (a proxy for its tokens)."""
     try:
@@ -225,7 +237,8 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
     """Run every job not already complete, in as many lanes at once as fit (at most ``max_concurrent`` if > 0),
     each lane one Ray Train run training its jobs one after another; return each job's training metrics.
     ``together``: the unfinished jobs (LoRA adapters of one base) are one Ray Train run over one copy of the
-    base (``mft_ray.training.joint_lora``).
+    base (``mft_ray.training.joint_lora``); on CPUs its one worker gets the CPUs the lanes would use
+    (``together_cpus``).
 
     ``storage_path`` holds the Ray Train runs (``RunDir.ray_train_dir``): a killed finetune resumes there; it is
     removed once every job is exported."""
@@ -245,18 +258,24 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
         return results
     check_finetunes_fit(workers, cpus_per_worker, gpus_per_worker)
     start = time.time()
+    slots = concurrent_slots(workers, cpus_per_worker, gpus_per_worker, placement.physical(ray.cluster_resources()))
+    if max_concurrent > 0:
+        slots = min(slots, max_concurrent)
     if together and len(todo) > 1:
         if any(j.spec.lora is None or j.init_path != todo[0].init_path for j in todo):
             raise FinetuneError("adapters trained together must all be LoRA finetunes of one base model")
-        logger.info("%d LoRA adapters trained together in one run: %s", len(todo), ", ".join(j.name for j in todo))
-        results.update(ray.get(_fit.remote(todo, workers, cpus_per_worker, gpus_per_worker, max_failures,
+        cpus = cpus_per_worker
+        if workers == 1 and gpus_per_worker == 0:
+            cpus = together_cpus(cpus_per_worker, slots,
+                                 max(n.get("CPU", 0.0) for n in placement.alive_node_resources()),
+                                 placement.physical(ray.available_resources()).get("CPU", 0.0))
+        logger.info("%d LoRA adapters trained together in one run (%g CPUs per worker): %s", len(todo), cpus,
+                    ", ".join(j.name for j in todo))
+        results.update(ray.get(_fit.remote(todo, workers, cpus, gpus_per_worker, max_failures,
                                            storage_path, together=True)))
         logger.info("adapters done in %.0fs", time.time() - start)
         shutil.rmtree(storage_path, ignore_errors=True)
         return results
-    slots = concurrent_slots(workers, cpus_per_worker, gpus_per_worker, placement.physical(ray.cluster_resources()))
-    if max_concurrent > 0:
-        slots = min(slots, max_concurrent)
     lanes = plan_lanes(todo, slots, checkpointed_runs(storage_path))
     logger.info("%d finetunes in %d lanes at once: %s", len(todo), len(lanes),
                 "; ".join(", ".join(j.name for j in lane) for _, lane in lanes))

@@ -77,6 +77,7 @@ def train_adapters_per_worker(config: dict[str, Any]) -> None:
         raise ValueError("adapters trained together must all be LoRA finetunes of one base model")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logger.info("adapters %s: rank %d of %d, %d torch threads", names, rank, world, torch.get_num_threads())
     first = jobs[0].spec
     torch.manual_seed(first.seed)
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if torch.cuda.is_available() else "cpu")
