@@ -27,7 +27,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,15 +165,27 @@ def concurrent_slots(workers: int, cpus_per_worker: float, gpus_per_worker: floa
     return max(1, min(slots, default=1))
 
 
-def together_cpus(cpus_per_worker: float, slots: int, largest_node: float, free: float) -> float:
+def together_cpus(cpus_per_worker: float, slots: int, node_free: Sequence[float]) -> float:
     """The CPUs of the one CPU worker that trains a LoRA society's adapters together: what the ``slots``
-    lanes of separate finetunes would use, within the largest node and what is free now (never fewer than
-    ``cpus_per_worker``). Adapters share one copy of the base in one process, so their run is one worker;
-    more CPUs make it more torch threads (Ray sets OMP_NUM_THREADS to a worker's whole CPUs), and the
-    training itself (data order, batches) is unchanged. Counting only free CPUs keeps the worker from
-    waiting for CPUs another job holds."""
-    wide = math.floor(min(cpus_per_worker * slots, largest_node, free) + 1e-9)
+    lanes of separate finetunes would use, within the most CPUs free on one node now (``node_free``), never
+    fewer than ``cpus_per_worker``. Adapters share one copy of the base in one process, so their run is one
+    worker; more CPUs make it more torch threads (Ray sets OMP_NUM_THREADS to a worker's whole CPUs unless
+    it is already set), and the training itself (data order, batches) is unchanged. Counting only one
+    node's free CPUs keeps the worker from waiting for CPUs another job holds or that no node has."""
+    wide = math.floor(min(cpus_per_worker * slots, max(node_free, default=0.0)) + 1e-9)
     return max(cpus_per_worker, float(wide))
+
+
+def _free_cpus_for(want: float, timeout_s: float = 10.0) -> list[float]:
+    """Each node's free CPUs, waited for (up to ``timeout_s``) until one node has ``want`` free or no node
+    could: a society released just before (``Runtime.finetune``) gives its CPUs back asynchronously."""
+    largest = max((n.get("CPU", 0.0) for n in placement.alive_node_resources()), default=0.0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = placement.free_cpus_per_node()
+        if max(free, default=0.0) + 1e-9 >= min(want, largest) or time.monotonic() > deadline:
+            return free
+        time.sleep(0.5)
 
 
 def job_cost(job: FinetuneJob) -> float:
@@ -266,9 +278,7 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
             raise FinetuneError("adapters trained together must all be LoRA finetunes of one base model")
         cpus = cpus_per_worker
         if workers == 1 and gpus_per_worker == 0:
-            cpus = together_cpus(cpus_per_worker, slots,
-                                 max(n.get("CPU", 0.0) for n in placement.alive_node_resources()),
-                                 placement.physical(ray.available_resources()).get("CPU", 0.0))
+            cpus = together_cpus(cpus_per_worker, slots, _free_cpus_for(cpus_per_worker * slots))
         logger.info("%d LoRA adapters trained together in one run (%g CPUs per worker): %s", len(todo), cpus,
                     ", ".join(j.name for j in todo))
         results.update(ray.get(_fit.remote(todo, workers, cpus, gpus_per_worker, max_failures,

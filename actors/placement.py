@@ -57,6 +57,14 @@ def physical(resources: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in resources.items() if not _GROUP_RESOURCE.search(k)}
 
 
+def free_cpus_per_node() -> list[float]:
+    """The CPUs free now on each alive node. Ray's per-node reading is ``ray._private.state``'s (no public
+    API gives it); a worker must fit on one node, so the cluster's summed free CPUs would overstate it."""
+    from ray._private.state import available_resources_per_node
+
+    return [float(r.get("CPU", 0.0)) for r in available_resources_per_node().values()]
+
+
 def alive_node_resources() -> list[dict[str, float]]:
     """Total resources of each alive node of the connected cluster (placement-group copies left out)."""
     return [physical(dict(n.get("Resources", {}))) for n in ray.nodes() if n.get("Alive")]

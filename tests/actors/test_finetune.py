@@ -20,17 +20,19 @@ def test_slots_are_what_the_cluster_holds_at_once(workers, cpus, gpus, total, sl
     assert concurrent_slots(workers, cpus, gpus, total) == slots
 
 
-@pytest.mark.parametrize(("per_worker", "slots", "largest", "free", "cpus"), [
-    (1.0, 2, 2.0, 2.0, 2.0),     # the CPU configs on 2 cores: the adapters' one worker gets both
-    (0.5, 4, 2.0, 2.0, 2.0),     # half a core per lane, 4 lanes: the same 2 cores, whole threads
-    (1.0, 2, 2.0, 1.75, 1.0),    # a quarter core held elsewhere: never wait for it, never below the setting
-    (1.0, 1, 16.0, 16.0, 1.0),   # finetune.max_concurrent=1: one lane's worth
-    (4.0, 8, 16.0, 64.0, 16.0),  # 4 nodes of 16: one worker lives on one node
+@pytest.mark.parametrize(("per_worker", "slots", "node_free", "cpus"), [
+    (1.0, 2, [2.0], 2.0),                # the CPU configs on 2 cores: the adapters' one worker gets both
+    (0.5, 4, [2.0], 2.0),                # half a core per lane, 4 lanes: the same 2 cores, whole threads
+    (1.0, 2, [1.75], 1.0),               # a quarter core held elsewhere: never wait for it, never below the setting
+    (1.0, 1, [16.0], 1.0),               # finetune.max_concurrent=1: one lane's worth
+    (4.0, 8, [16.0, 16.0, 12.0], 16.0),  # nodes of 16: one worker lives on one node
+    (4.0, 8, [15.0, 15.0, 15.0], 15.0),  # a CPU held on every node: 45 free in all, but 15 on any one node
+    (1.0, 2, [], 1.0),                   # no reading: the setting
 ])
-def test_adapters_trained_together_take_the_cpus_their_lanes_would(per_worker, slots, largest, free, cpus) -> None:
+def test_adapters_trained_together_take_the_cpus_their_lanes_would(per_worker, slots, node_free, cpus) -> None:
     from actors.finetune import together_cpus
 
-    assert together_cpus(per_worker, slots, largest, free) == cpus
+    assert together_cpus(per_worker, slots, node_free) == cpus
 
 
 # -- lanes: several finetunes per Ray Train run (actors.finetune.plan_lanes) -----------------------------------

@@ -176,7 +176,8 @@ def test_a_lora_society_of_the_real_model_finetunes_and_debates_on_one_vllm_engi
     run = RunDir(run_dir)
     society = run.read_society(1)
     finetunes = json.loads(run.finetunes_path(1).read_text())
-    assert finetunes and set(finetunes) <= set(society)
+    # Joint training needs two or more sets; with 2 agents debating 4 problems every set so far had examples.
+    assert len(finetunes) >= 2 and set(finetunes) <= set(society), finetunes
     # One Ray Train run trained every adapter over one copy of the base (mft_ray.training.joint_lora).
     assert all(m["adapters_together"] == len(finetunes) for m in finetunes.values()), finetunes
     weights = {}

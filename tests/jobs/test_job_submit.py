@@ -122,7 +122,9 @@ def test_job_submit_iterate_runs_one_iteration_of_the_real_model_on_vllm(ray_hea
     assert [e["iteration"] for e in summary["iterations"]] == [0, 1]
     society = json.loads((run_dir / "iter_1" / "society.json").read_text())
     finetuned = [m for m, p in society.items() if p == str(run_dir / "iter_1" / m)]
-    assert "generator_0" in finetuned, society
+    # Which members have a set depends on the sampled replies (a generator's set is its round-1 replies that
+    # agree with the debate's final answer, which its critic may change): at least one was finetuned.
+    assert finetuned, society
     finetunes = json.loads((run_dir / "iter_1" / "finetunes.json").read_text())
     for member in finetuned:
         assert (run_dir / "iter_1" / member / "model.safetensors").is_file()
