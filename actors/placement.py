@@ -7,6 +7,7 @@ import re
 from collections import Counter
 
 import ray
+from ray._private.state import available_resources_per_node  # the only per-node reading of free resources
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from mft_ray.errors import PlacementError
@@ -60,8 +61,6 @@ def physical(resources: dict[str, float]) -> dict[str, float]:
 def free_cpus_per_node() -> list[float]:
     """The CPUs free now on each alive node. Ray's per-node reading is ``ray._private.state``'s (no public
     API gives it); a worker must fit on one node, so the cluster's summed free CPUs would overstate it."""
-    from ray._private.state import available_resources_per_node
-
     return [float(r.get("CPU", 0.0)) for r in available_resources_per_node().values()]
 
 
