@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from mft_ray.run.files import partial_path
 from mft_ray.training.export import checkpoint_problem, read_train_metrics
 from mft_ray.training.joint_lora import train_adapters_per_worker
 from mft_ray.training.loop import checkpoint_job, train_lane_per_worker
+from mft_ray.training.slots import concurrent_slots, together_cpus
 from mft_ray.training.spec import FinetuneJob
 
 logger = logging.getLogger(__name__)
@@ -155,27 +155,6 @@ def check_finetunes_fit(workers: int, cpus_per_worker: float, gpus_per_worker: f
                              "finetune.gpus_per_worker, or add nodes.")
 
 
-def concurrent_slots(workers: int, cpus_per_worker: float, gpus_per_worker: float,
-                     total: dict[str, float]) -> int:
-    """How many finetunes of ``workers`` workers fit in ``total`` resources at once (at least 1)."""
-    slots = []
-    for key, per_worker in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
-        if per_worker > 0:
-            slots.append(int(total.get(key, 0.0) / (workers * per_worker) + 1e-9))
-    return max(1, min(slots, default=1))
-
-
-def together_cpus(cpus_per_worker: float, slots: int, node_free: Sequence[float]) -> float:
-    """The CPUs of the one CPU worker that trains a LoRA society's adapters together: what the ``slots``
-    lanes of separate finetunes would use, within the most CPUs free on one node now (``node_free``), never
-    fewer than ``cpus_per_worker``. Adapters share one copy of the base in one process, so their run is one
-    worker; more CPUs make it more torch threads (Ray sets OMP_NUM_THREADS to a worker's whole CPUs unless
-    it is already set), and the training itself (data order, batches) is unchanged. Counting only one
-    node's free CPUs keeps the worker from waiting for CPUs another job holds or that no node has."""
-    wide = math.floor(min(cpus_per_worker * slots, max(node_free, default=0.0)) + 1e-9)
-    return max(cpus_per_worker, float(wide))
-
-
 def _free_cpus_for(want: float, timeout_s: float = 10.0) -> list[float]:
     """Each node's free CPUs, waited for (up to ``timeout_s``) until one node has ``want`` free or no node
     could: a society released just before (``Runtime.finetune``) gives its CPUs back asynchronously."""
@@ -278,7 +257,8 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
             raise FinetuneError("adapters trained together must all be LoRA finetunes of one base model")
         cpus = cpus_per_worker
         if workers == 1 and gpus_per_worker == 0:
-            cpus = together_cpus(cpus_per_worker, slots, _free_cpus_for(cpus_per_worker * slots))
+            lanes = min(slots, len(todo))  # the lanes separate finetunes would run in
+            cpus = together_cpus(cpus_per_worker, lanes, _free_cpus_for(cpus_per_worker * lanes))
         logger.info("%d LoRA adapters trained together in one run (%g CPUs per worker): %s", len(todo), cpus,
                     ", ".join(j.name for j in todo))
         results.update(ray.get(_fit.remote(todo, workers, cpus, gpus_per_worker, max_failures,

@@ -65,10 +65,11 @@ def main() -> None:
 
     import ray
 
-    from actors.finetune import _fit, concurrent_slots, run_finetunes
+    from actors.finetune import _fit, run_finetunes
     from mft_ray.models.testbed import ARITH_INSTRUCTION, MINI_TESTBED, debate_conversations
     from mft_ray.models.tiny import build_tiny_llama
     from mft_ray.society.prompts import PromptSet
+    from mft_ray.training.slots import concurrent_slots
     from mft_ray.training.spec import FinetuneJob, TrainingSpec
 
     work = Path(tempfile.mkdtemp(prefix="mft-ftbench-"))

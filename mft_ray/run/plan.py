@@ -42,6 +42,7 @@ from mft_ray.errors import ConfigError, MftError
 from mft_ray.methods.registry import get_method, method_config, train_units
 from mft_ray.models.builtin import BUILTIN_MODELS, builtin_model_dir
 from mft_ray.society.members import CRITIC, SUMMARIZER, plan_engines, society_members
+from mft_ray.training.slots import concurrent_slots, together_cpus
 
 GIB = 2**30
 ASSUMED_VOCAB = 128256  # Llama-3's, for a model known only by its parameter count
@@ -116,6 +117,10 @@ class FinetunePlan:
     max_length: int
     memory_gb: dict[str, float] | None  # per GPU (per worker on CPU): the formula's terms and "total"
     at_once: int | None = None  # finetunes whose worker groups fit on the described cluster together
+    # A LoRA society's adapters trained together (finetune.adapters_together): one Ray Train run per
+    # iteration, whose one CPU worker takes the CPUs the lanes would (``worker_cpus``, on the described cluster).
+    together: bool = False
+    worker_cpus: float | None = None
 
 
 @dataclass
@@ -150,7 +155,10 @@ class ResourcePlan:
         if f is None:
             lines.append("finetunes: none")
         else:
-            lines.append(f"finetunes: {f.units} per iteration x {f.iterations} iteration(s), each {f.workers} "
+            what = (f"finetunes: {f.units} LoRA adapters per iteration x {f.iterations} iteration(s), trained "
+                    f"together in one run of" if f.together else
+                    f"finetunes: {f.units} per iteration x {f.iterations} iteration(s), each")
+            lines.append(f"{what} {f.workers} "
                          f"worker(s) x (GPU {f.gpus_per_worker:g}, CPU {f.cpus_per_worker:g}) = GPU "
                          f"{f.workers * f.gpus_per_worker:g}, CPU {f.workers * f.cpus_per_worker:g}; "
                          f"ZeRO-{f.zero_stage}, {'bf16' if f.bf16 else 'fp32'}, gradient checkpointing "
@@ -160,7 +168,11 @@ class ResourcePlan:
             m = f.memory_gb
             lines.append(f"  memory {where}, estimated: " + ("unknown (set model.num_parameters)" if m is None else
                          f"{m['total']:.1f} GiB = " + " + ".join(f"{k} {v:.1f}" for k, v in m.items() if k != "total")))
-            if f.at_once is not None:
+            if f.together:
+                if f.worker_cpus is not None and f.worker_cpus != f.cpus_per_worker:
+                    lines.append(f"  its CPU worker takes {f.worker_cpus:g} CPUs on the cluster: those of the lanes "
+                                 "separate finetunes would use, free on one node (more torch threads)")
+            elif f.at_once is not None:
                 per_lane = math.ceil(f.units / f.at_once) if f.at_once else 0
                 lines.append(f"  at once on the cluster: {f.at_once} of {f.units}" +
                              (f" ({min(f.at_once, f.units)} lane(s), ~{per_lane} finetune(s) each one after "
@@ -334,24 +346,36 @@ def resource_plan(config: Config, cluster: ClusterSpec | None = None) -> Resourc
     roles = [ft.generator] if method.shared_model or CRITIC not in method.trained_roles else [ft.generator, ft.critic]
     bf16 = ft.bf16 if ft.bf16 is not None else ft.gpus_per_worker > 0
     batch, length = max(r.batch_size for r in roles), max(r.max_length for r in roles)
+    together = ft.adapter == "lora" and ft.adapters_together and units > 1
     memory = None
     if shape is not None:
         trainable = lora_parameters(shape, ft.lora.rank, ft.lora.target_modules) if ft.adapter == "lora" else None
+        if together and trainable is not None:  # every adapter's states in the one worker (an upper bound)
+            trainable *= units
         memory = finetune_memory_gb(shape, ft.num_workers, ft.zero_stage, bf16, ft.gradient_checkpointing, batch,
                                     length, gpu=ft.gpus_per_worker > 0, trainable=trainable)
         if 0 < ft.gpus_per_worker < 1:  # several workers share each GPU
             memory = {k: v / ft.gpus_per_worker for k, v in memory.items()}
-    at_once = None
+    at_once = worker_cpus = None
     if cluster is not None:
         group = [(ft.cpus_per_worker, ft.gpus_per_worker)] * ft.num_workers
         at_once = next((k - 1 for k in range(1, units + 1) if not _packs(group * k, cluster)), units)
+        if together and at_once:  # as actors.finetune.run_finetunes sizes the one run on an idle cluster
+            worker_cpus = ft.cpus_per_worker
+            if ft.num_workers == 1 and ft.gpus_per_worker == 0:
+                total = {"CPU": cluster.nodes * cluster.cpus_per_node, "GPU": cluster.nodes * cluster.gpus_per_node}
+                slots = min(concurrent_slots(1, ft.cpus_per_worker, 0.0, total), units)
+                if ft.max_concurrent > 0:
+                    slots = min(slots, ft.max_concurrent)
+                worker_cpus = together_cpus(ft.cpus_per_worker, slots, [cluster.cpus_per_node] * cluster.nodes)
+            at_once = 1
         if at_once == 0:
             plan.problems.append(f"a finetune needs {ft.num_workers} worker(s) of GPU {ft.gpus_per_worker:g}, CPU "
                                  f"{ft.cpus_per_worker:g}, more than {cluster.describe()} hold; lower "
                                  "finetune.num_workers, finetune.cpus_per_worker or finetune.gpus_per_worker")
     plan.finetune = FinetunePlan(units, method_config(config).finetune.iterations, ft.num_workers,
                                  ft.cpus_per_worker, ft.gpus_per_worker, ft.zero_stage, bf16,
-                                 ft.gradient_checkpointing, batch, length, memory, at_once)
+                                 ft.gradient_checkpointing, batch, length, memory, at_once, together, worker_cpus)
     if g > 0 and ft.gpus_per_worker == 0:
         plan.problems.append(f"resources.num_gpus_per_agent={g:g} runs inference on GPUs but "
                              f"finetune.gpus_per_worker=0 would train each of the {units} finetunes per iteration on "

@@ -1,10 +1,10 @@
-"""How many finetunes run at once (actors.finetune.concurrent_slots): as many as the cluster holds."""
+"""How many finetunes run at once (mft_ray.training.slots.concurrent_slots): as many as the cluster holds."""
 
 from __future__ import annotations
 
 import pytest
 
-from actors.finetune import concurrent_slots
+from mft_ray.training.slots import concurrent_slots, together_cpus
 
 
 @pytest.mark.parametrize(("workers", "cpus", "gpus", "total", "slots"), [
@@ -30,8 +30,6 @@ def test_slots_are_what_the_cluster_holds_at_once(workers, cpus, gpus, total, sl
     (1.0, 2, [], 1.0),                   # no reading: the setting
 ])
 def test_adapters_trained_together_take_the_cpus_their_lanes_would(per_worker, slots, node_free, cpus) -> None:
-    from actors.finetune import together_cpus
-
     assert together_cpus(per_worker, slots, node_free) == cpus
 
 

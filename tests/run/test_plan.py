@@ -119,14 +119,41 @@ def test_a_lora_finetune_trains_only_its_adapter_and_its_society_shares_one_engi
     shape = model_shape(lora)
     t = lora_parameters(shape, 16, ["q_proj", "v_proj"])
     assert t == shape.layers * 16 * 4 * shape.hidden and t < shape.parameters / 100
-    memory = resource_plan(lora).finetune.memory_gb
-    assert memory["AdamW"] == pytest.approx(t * 12 / GIB)
-    assert memory["weights"] == pytest.approx(shape.parameters * 2 / GIB)
+    alone = resource_plan(load_config(LLAMA3, ["finetune.num_workers=1", "finetune.zero_stage=2",
+                                               "finetune.adapter=lora", "finetune.lora.rank=16",
+                                               "finetune.adapters_together=false"])).finetune.memory_gb
+    assert alone["AdamW"] == pytest.approx(t * 12 / GIB)
+    assert alone["weights"] == pytest.approx(shape.parameters * 2 / GIB)
+    memory = resource_plan(lora).finetune.memory_gb  # trained together: the 6 adapters' states in one worker
+    assert memory["AdamW"] == pytest.approx(6 * t * 12 / GIB)
+    assert memory["weights"] == alone["weights"]
     shared = load_config(LLAMA3, ["finetune.zero_stage=2", "finetune.adapter=lora", "resources.share_engine=true"])
     engines = {s.kind: s.engines for s in resource_plan(shared).societies}
     assert engines == {"iteration 0 (base model)": 1, "finetuned (iterations >= 1)": 1}
     full_shared = load_config(LLAMA3, ["finetune.zero_stage=2", "resources.share_engine=true"])
     assert {s.kind: s.engines for s in resource_plan(full_shared).societies}["finetuned (iterations >= 1)"] == 7
+
+
+@pytest.mark.parametrize(("cluster", "overrides", "cpus"), [
+    (ClusterSpec(1, 0, 80.0, 2), [], 2.0),                               # this laptop: both cores, as 2 lanes
+    (ClusterSpec(1, 0, 80.0, 96), [], 6.0),                              # one lane per adapter, no more
+    (ClusterSpec(1, 0, 80.0, 96), ["finetune.max_concurrent=2"], 2.0),   # the lanes the setting allows
+    (ClusterSpec(4, 0, 80.0, 3), [], 3.0),                               # one worker lives on one node
+    (ClusterSpec(1, 0, 80.0, 96), ["finetune.num_workers=2"], 1.0),      # several workers: as configured
+])
+def test_a_lora_societys_adapters_are_planned_as_one_run_with_the_lanes_cpus(cluster, overrides, cpus) -> None:
+    """`mft plan` shows what actors.finetune.run_finetunes does with a LoRA society on CPUs: one Ray Train run
+    per iteration, whose one worker takes the CPUs the separate finetunes' lanes would use."""
+    config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", ["finetune.adapter=lora", *overrides])
+    f = resource_plan(config, cluster).finetune
+    assert f.together and f.at_once == 1 and f.worker_cpus == cpus, resource_plan(config, cluster).format()
+    text = resource_plan(config, cluster).format()
+    assert "6 LoRA adapters per iteration" in text and "trained together in one run" in text
+    assert (f"takes {cpus:g} CPUs" in text) == (cpus != 1.0)
+    alone = resource_plan(load_config(REPO / "jobs/configs/smollm2_cpu.yaml",
+                                      ["finetune.adapter=lora", "finetune.adapters_together=false", *overrides]),
+                          cluster).finetune
+    assert not alone.together and alone.worker_cpus is None
 
 
 def test_gpu_inference_with_cpu_finetunes_is_refused() -> None:

@@ -1,0 +1,31 @@
+"""How much of a cluster an iteration's finetunes take at once: pure arithmetic on resource counts.
+
+``actors.finetune`` launches the finetunes with these numbers and ``mft_ray.run.plan`` (``mft plan``)
+prints them, so the plan says what a run will do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+
+def concurrent_slots(workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                     total: Mapping[str, float]) -> int:
+    """How many finetunes of ``workers`` workers fit in ``total`` resources at once (at least 1)."""
+    slots = []
+    for key, per_worker in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
+        if per_worker > 0:
+            slots.append(int(total.get(key, 0.0) / (workers * per_worker) + 1e-9))
+    return max(1, min(slots, default=1))
+
+
+def together_cpus(cpus_per_worker: float, slots: int, node_free: Sequence[float]) -> float:
+    """The CPUs of the one CPU worker that trains a LoRA society's adapters together: what the ``slots``
+    lanes of separate finetunes would use, within the most CPUs free on one node now (``node_free``), never
+    fewer than ``cpus_per_worker``. Adapters share one copy of the base in one process, so their run is one
+    worker; more CPUs make it more torch threads (Ray sets OMP_NUM_THREADS to a worker's whole CPUs unless
+    it is already set), and the training itself (data order, batches) is unchanged. Counting only one
+    node's free CPUs keeps the worker from waiting for CPUs another job holds or that no node has."""
+    wide = math.floor(min(cpus_per_worker * slots, max(node_free, default=0.0)) + 1e-9)
+    return max(cpus_per_worker, float(wide))
