@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # DeepSpeed's CPU comm op is compiled once at setup (about 30 s) and cached here.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo study test bench clean
+.PHONY: setup demo study study-lora test bench clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,13 @@ study: $(STAMP)
 	$(BIN)/python -m jobs.study --config jobs/configs/smollm2_cpu.yaml --root runs/study_smollm2 \
 	  --methods multiagent_ft,majority_ft,star,single_agent_ft,majority_matched \
 	  task.finetune_size=500 task.eval_size=500 finetune.iterations=3
+
+# Its LoRA twin (issue 20): Multiagent FT with a LoRA society, same seeds and problems. Its iteration 0 is the base
+# model, as in the study above: it starts from a copy of that run's iteration-0 debates (jobs.study --reuse-from).
+study-lora: $(STAMP)
+	$(BIN)/python -m jobs.study --config jobs/configs/smollm2_cpu.yaml --root runs/study_smollm2_lora \
+	  --methods multiagent_ft --reuse-from runs/study_smollm2 \
+	  task.finetune_size=500 task.eval_size=500 finetune.iterations=3 finetune.adapter=lora
 
 # Two workers, a test file each at a time: most integration tests keep one core busy (an agent actor
 # decoding on one thread, a process starting) while the other waits. (Running the Ray Train files one after

@@ -6,6 +6,8 @@
     <run_dir>/iter_<l>/metrics.json             evaluation of iteration l (Algorithm 2)
     <run_dir>/iter_<l>/diversity.json           its diversity figures and the settings they depend on
     <run_dir>/iter_<l>/star_rationalizations.jsonl   STaR's hinted answers (method=star only)
+    <run_dir>/iter_0/reused.json                which iteration-0 debates came from another run of a study
+                                                (``mft_ray.run.reuse``), and from where
     <run_dir>/iter_<l>/datasets/<unit>.jsonl    finetuning sets built from iteration l-1's debate
     <run_dir>/iter_<l>/datasets/counts.json     set sizes (written last: marks the stage done, and
                                                 seals each set's size and SHA-256)
@@ -64,6 +66,9 @@ class RunDir:
 
     def diversity_path(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "diversity.json"
+
+    def reused_path(self, iteration: int) -> Path:
+        return self.iteration_dir(iteration) / "reused.json"
 
     def rationalizations_path(self, iteration: int) -> Path:
         return self.iteration_dir(iteration) / "star_rationalizations.jsonl"

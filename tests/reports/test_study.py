@@ -80,6 +80,7 @@ def test_evaluation_only_runs_give_their_own_rows() -> None:
     (["--methods", "ours"], "method must be one of"),
     (["--methods", "majority_ft,majority_ft"], "given twice"),
     (["--methods", "majority_ft", "run_dir=/tmp/x"], "set by the study"),
+    (["--methods", "majority_ft", "--reuse-from", "/nonexistent/study"], "--reuse-from /nonexistent/study: no such"),
 ])
 def test_study_refuses_bad_methods_before_any_work(tmp_path, args, message) -> None:
     root = tmp_path / "study"
