@@ -34,7 +34,7 @@ from typing import Any
 from actors.runtime import connect_ray
 from jobs.common import run_cli
 from mft_ray.algorithm import run_algorithm
-from mft_ray.config import Config, load_config
+from mft_ray.config import load_config
 from mft_ray.errors import ConfigError
 from mft_ray.methods.registry import get_method
 from mft_ray.reports.paper_report import load_run, write_paper_report
@@ -72,8 +72,8 @@ def main(config_path: str | None, overrides: Sequence[str], methods: Sequence[st
     for name in methods:
         logger.info("study: method %s in %s", name, out / name)
         config = configs[name]
-        if reuse:
-            for source in [configs[m] for m in methods if m != name] + others:
+        if reuse:  # each source judged by the config it last ran with, which may be an earlier launch's
+            for source in [out / m for m in methods if m != name] + others:
                 reuse_iteration0(config, source)
         run_algorithm(config, partial(connect_ray, keep_societies=True))
     runs = {name: load_run(out / name) for name in methods}
@@ -90,14 +90,14 @@ def main(config_path: str | None, overrides: Sequence[str], methods: Sequence[st
     return {"rows": rows, "table": table, "root": str(out)}
 
 
-def _other_studies_runs(roots: Sequence[str | Path]) -> list[Config]:
-    """The saved configs of the runs under each study directory in ``roots`` (DIR/<method>/config.yaml)."""
+def _other_studies_runs(roots: Sequence[str | Path]) -> list[Path]:
+    """The run directories (those with a saved config) of each study directory in ``roots``."""
     found = []
     for root in roots:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise ConfigError(f"--reuse-from {root}: no such directory")
-        found += [load_config(RunDir(d).config_path) for d in sorted(root.iterdir()) if RunDir(d).config_path.is_file()]
+        found += [d for d in sorted(root.iterdir()) if RunDir(d).config_path.is_file()]
     return found
 
 

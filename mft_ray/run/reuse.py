@@ -2,10 +2,12 @@
 
 At iteration 0 every method's society is the base model, and a debate's sampling seeds depend only on the
 iteration, split, shard, round and member (``actors.coordinator``), never on the method. So two runs whose
-iteration-0 debate of a split has the same settings (model, task and problems, sampling, agents, rounds,
-summarizer, prompt style, seed) would run the very same debate: Multiagent FT and Single-agent FT debate
+iteration-0 debate of a split has the same settings (model and the base model it resolves to, task and
+problems, sampling, agents, rounds, summarizer, prompt style, engine sharing, seed) would run the very same
+debate: Multiagent FT and Single-agent FT debate
 the same N x M society on both splits before either finetunes, and a LoRA society's iteration 0 is its full
-twin's. ``jobs.study`` copies such a debate from a run that has it into one that has not started it, so the
+twin's. ``jobs.study`` copies such a debate from a run that has it (judged by the config that run last ran
+with) into one that has not started it, so the
 study pays for it once and the methods start from paired data. The copied shards are checked as any
 resumed shard is (their problems and debate settings, ``records.shard_is_complete``) when the run reads
 them; a shard the source lacks is debated as usual. What was copied, and from where, is written to
@@ -14,6 +16,7 @@ them; a shard the source lacks is debated as usual. What was copied, and from wh
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,8 +24,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from mft_ray.config import Config
+from mft_ray.config import Config, config_from_dict
+from mft_ray.errors import MftError
 from mft_ray.methods.registry import get_method, method_config
+from mft_ray.models.adapters import split_weights
 from mft_ray.run.files import read_json_checked, write_json_atomic
 from mft_ray.run.rundir import RunDir
 
@@ -44,20 +49,38 @@ def debate_identity(config: Config, split: str) -> dict[str, Any] | None:
         return None
     data = c.to_dict()
     debate = {k: v for k, v in data["debate"].items() if k != "shards_in_flight"}  # scheduling, not records
+    # Which members an engine serves seeds its calls (actors.coordinator), and GPUs change the dtype.
+    placement = {k: data["resources"][k] for k in ("share_engine", "num_gpus_per_agent")}
     return {"seed": data["seed"], "task": data["task"], "model": data["model"], "sampling": data["sampling"],
-            "debate": debate, "prompt_style": get_method(c.method).prompt_style}
+            "debate": debate, "placement": placement, "prompt_style": get_method(c.method).prompt_style}
 
 
 def _shards(directory: Path) -> list[Path]:
     return sorted(directory.glob(SHARDS)) if directory.is_dir() else []
 
 
-def reuse_iteration0(dst_config: Config, src_config: Config) -> list[str]:
-    """Copy into ``dst_config``'s run each iteration-0 debate of ``src_config``'s run that the two would run
-    identically (``debate_identity``), where the source has shards and the destination has none yet.
-    Returns the splits copied. Never overwrites: a destination that has begun a debate keeps its own."""
-    src, dst = RunDir(src_config.run_dir), RunDir(dst_config.run_dir)
-    if src.root == dst.root:
+def ran_config(root: str | os.PathLike) -> Config | None:
+    """The config the run in ``root`` last ran with (its saved ``config.yaml``, ``run_dir`` set to where it
+    is now); None, with a warning, when there is none or it no longer loads."""
+    run = RunDir(root)
+    try:
+        saved = run.saved_config()
+        return None if saved is None else dataclasses.replace(config_from_dict(saved), run_dir=str(run.root))
+    except MftError as exc:
+        logger.warning("%s: not offered for reuse (%s)", run.root, exc)
+        return None
+
+
+def reuse_iteration0(dst_config: Config, src_root: str | os.PathLike) -> list[str]:
+    """Copy into ``dst_config``'s run each iteration-0 debate of the run in ``src_root`` that the two would
+    run identically: the same ``debate_identity`` (the source's from the config it ran with) and the same
+    base model (the source's ``base_model.txt``). Only where the source has shards and the destination has
+    not begun that debate; never over a run of another method. Returns the splits copied."""
+    src, dst = RunDir(src_root), RunDir(dst_config.run_dir)
+    src_config = ran_config(src.root)
+    if src.root == dst.root or src_config is None or dst.saved_method() not in (None, dst_config.method):
+        return []
+    if _saved_base(src) != split_weights(dst_config.model.path)[0]:  # e.g. a built-in model since rebuilt
         return []
     copied = []
     for split in STAGES:
@@ -73,7 +96,10 @@ def reuse_iteration0(dst_config: Config, src_config: Config) -> list[str]:
         try:
             for shard in shards:
                 _link_or_copy(shard, staging / shard.name)
-            os.replace(staging, target)
+            os.rename(staging, target)  # fails, copying nothing, if a run began this debate meanwhile
+        except OSError as exc:
+            logger.warning("%s: iteration 0's %s debate not reused from %s (%s)", dst.root, split, source, exc)
+            continue
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         copied.append(split)
@@ -81,9 +107,15 @@ def reuse_iteration0(dst_config: Config, src_config: Config) -> list[str]:
                     "problems", dst.root.name, split, len(shards), source)
     if copied:
         marker = dst.reused_path(0)  # split -> the debate folder its shards came from
-        saved = read_json_checked(marker) or {}
+        saved = read_json_checked(marker)
+        saved = saved if isinstance(saved, dict) else {}
         write_json_atomic({**saved, **{split: str(src.debate_dir(0, split)) for split in copied}}, marker)
     return copied
+
+
+def _saved_base(run: RunDir) -> str | None:
+    path = run.base_model_path
+    return path.read_text().strip() if path.is_file() else None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from mft_ray.config import Config, load_config
 from mft_ray.errors import RecordsError
+from mft_ray.models.adapters import split_weights
 from mft_ray.run.records import debate_settings, read_records, split_shards, write_shard
 from mft_ray.run.reuse import debate_identity, reuse_iteration0
 from mft_ray.run.rundir import RunDir
@@ -47,16 +48,21 @@ def test_what_decides_the_records_is_in_the_identity_and_what_does_not_is_not(tm
                  "resources.num_cpus_per_agent=0.5", "finetune.generator.learning_rate=1e-4"):
         assert debate_identity(_config("multiagent_ft", tmp_path, same), "eval") == debate_identity(full, "eval"), same
     for other in ("sampling.temperature=0.7", "seed=1", "task.max_int=20", "model.engine=hf", "debate.rounds=3",
-                  "debate.shuffle_others=false", "debate.shard_size=3", "sampling.max_new_tokens=64"):
+                  "debate.shuffle_others=false", "debate.shard_size=3", "sampling.max_new_tokens=64",
+                  "resources.share_engine=false", "model.path=/elsewhere/model"):
         assert debate_identity(_config("multiagent_ft", tmp_path, other), "eval") != debate_identity(full, "eval"), other
     assert debate_identity(_config("majority_matched", tmp_path), "finetune") is None  # evaluation only
     assert debate_identity(_config("multiagent_ft", tmp_path, "finetune.iterations=0"), "finetune") is None
 
 
 def _debate(config: Config, split: str, ids: list[str]) -> Path:
-    """Write the shards of a whole debate of ``ids`` into ``config``'s run, as the coordinator does."""
+    """Start ``config``'s run as run_algorithm does and write the shards of a whole debate of ``ids`` into it,
+    as the coordinator does."""
+    run = RunDir(config.run_dir)
+    run.prepare(config)
+    run.record_base_model(split_weights(config.model.path)[0])
     d = config.debate
-    out = RunDir(config.run_dir).debate_dir(0, split)
+    out = run.debate_dir(0, split)
     for k, shard in enumerate(split_shards(ids, d.shard_size)):
         write_shard(out, k, make_rows(list(shard)), list(shard),
                     debate_settings(d.agents, d.rounds, d.summarize, d.shuffle_others))
@@ -67,7 +73,7 @@ def test_a_shared_debate_is_copied_once_and_read_back_as_the_runs_own(tmp_path) 
     src, dst = _config("multiagent_ft", tmp_path), _config("single_agent_ft", tmp_path)
     ids = [f"p{i}" for i in range(6)]
     source = _debate(src, "eval", ids)
-    assert reuse_iteration0(dst, src) == ["eval"]  # no finetune-split shards in the source yet
+    assert reuse_iteration0(dst, src.run_dir) == ["eval"]  # no finetune-split shards in the source yet
     run = RunDir(dst.run_dir)
     d = dst.debate
     settings = debate_settings(d.agents, d.rounds, d.summarize, d.shuffle_others)
@@ -76,9 +82,9 @@ def test_a_shared_debate_is_copied_once_and_read_back_as_the_runs_own(tmp_path) 
     assert json.loads(run.reused_path(0).read_text()) == {"eval": str(source)}
     # Later, the source's finetune-split debate: copied on the next start, the record says both.
     finetune = _debate(src, "finetune", ids)
-    assert reuse_iteration0(dst, src) == ["finetune"]
+    assert reuse_iteration0(dst, src.run_dir) == ["finetune"]
     assert json.loads(run.reused_path(0).read_text()) == {"eval": str(source), "finetune": str(finetune)}
-    assert reuse_iteration0(dst, src) == []  # never twice, never over the run's own
+    assert reuse_iteration0(dst, src.run_dir) == []  # never twice, never over the run's own
     assert not list(run.iteration_dir(0).glob(".*partial"))
 
 
@@ -86,9 +92,9 @@ def test_a_run_that_began_its_debate_keeps_its_own(tmp_path) -> None:
     src, dst = _config("multiagent_ft", tmp_path), _config("single_agent_ft", tmp_path)
     _debate(src, "eval", [f"p{i}" for i in range(6)])
     own = _debate(dst, "eval", ["p0", "p1", "p2", "p3"])  # its first shard only
-    assert reuse_iteration0(dst, src) == []
+    assert reuse_iteration0(dst, src.run_dir) == []
     assert [p.name for p in sorted(own.iterdir())] == ["shard_00000.parquet"]
-    assert reuse_iteration0(_config("majority_ft", tmp_path), src) == []  # another debate: nothing copied
+    assert reuse_iteration0(_config("majority_ft", tmp_path), src.run_dir) == []  # another debate: nothing copied
     assert not RunDir(_config("majority_ft", tmp_path).run_dir).iteration_dir(0).exists()
 
 
@@ -96,8 +102,32 @@ def test_a_copied_shard_of_other_problems_is_refused_when_read(tmp_path) -> None
     """The copy is checked as any resumed shard is: a source made for other problems cannot slip in."""
     src, dst = _config("multiagent_ft", tmp_path), _config("single_agent_ft", tmp_path)
     _debate(src, "eval", [f"q{i}" for i in range(6)])
-    assert reuse_iteration0(dst, src) == ["eval"]
+    assert reuse_iteration0(dst, src.run_dir) == ["eval"]
     d = dst.debate
     with pytest.raises(RecordsError, match="other problems"):
         RunDir(dst.run_dir).debate_complete(0, "eval", [f"p{i}" for i in range(6)], d.shard_size,
                                             debate_settings(d.agents, d.rounds, d.summarize, d.shuffle_others))
+
+
+def test_a_source_is_judged_by_what_it_ran(tmp_path, caplog) -> None:
+    """Not by the study's config today: a source debated at another temperature, from a built-in model since
+    rebuilt, or whose saved config no longer loads, lends nothing; nor is a run of another method filled."""
+    ids = [f"p{i}" for i in range(6)]
+    dst = _config("single_agent_ft", tmp_path)
+    hot = _config("multiagent_ft", tmp_path / "hot", "sampling.temperature=0.9")
+    _debate(hot, "eval", ids)
+    assert reuse_iteration0(dst, hot.run_dir) == []
+    old = _config("multiagent_ft", tmp_path / "old")
+    _debate(old, "eval", ids)
+    RunDir(old.run_dir).base_model_path.write_text("/cache/models/smollm2-135m-instruct-OLD\n")
+    assert reuse_iteration0(dst, old.run_dir) == []
+    broken = _config("multiagent_ft", tmp_path / "broken")
+    _debate(broken, "eval", ids)
+    RunDir(broken.run_dir).config_path.write_text("task: [not, a, mapping]\n")
+    assert reuse_iteration0(dst, broken.run_dir) == [] and "not offered for reuse" in caplog.text
+    good = _config("multiagent_ft", tmp_path / "good")
+    _debate(good, "eval", ids)
+    other_method = _config("single_agent_ft", tmp_path / "taken")
+    RunDir(other_method.run_dir).prepare(_config("majority_ft", tmp_path / "taken"))
+    assert reuse_iteration0(other_method, good.run_dir) == []
+    assert reuse_iteration0(dst, good.run_dir) == ["eval"]  # the same source, as it ran
