@@ -37,10 +37,11 @@ from ray.train.torch import TorchTrainer
 import actors.placement as placement  # as a module: tests replace its cluster readers
 from mft_ray.errors import FinetuneError, PlacementError
 from mft_ray.run.files import partial_path
+from mft_ray.run.plan import GIB, job_memory_gb
 from mft_ray.training.export import checkpoint_problem, read_train_metrics
 from mft_ray.training.joint_lora import train_adapters_per_worker
 from mft_ray.training.loop import checkpoint_job, train_lane_per_worker
-from mft_ray.training.slots import concurrent_slots, together_cpus
+from mft_ray.training.slots import concurrent_slots, memory_slots, together_cpus
 from mft_ray.training.spec import FinetuneJob
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,26 @@ def check_finetunes_fit(workers: int, cpus_per_worker: float, gpus_per_worker: f
                              "finetune.gpus_per_worker, or add nodes.")
 
 
+def _memory_capped(slots: int, todo: list[FinetuneJob], workers: int) -> int:
+    """``slots`` lowered to the CPU finetunes whose workers the nodes' memory holds at once (``memory_slots``,
+    with the plan's estimate of the largest job: ``mft_ray.run.plan.job_memory_gb``)."""
+    estimates = [m for m in (job_memory_gb(j, workers) for j in todo) if m is not None]
+    nodes = [r.get("memory", 0.0) / GIB for r in placement.alive_node_resources()]
+    if not estimates or not any(nodes):
+        return slots
+    need = max(estimates)
+    if need > max(nodes):
+        logger.warning("a finetune worker may need up to %.1f GiB of host memory (estimated from its batch size, "
+                       "max_length and model), more than the %.1f GiB Ray gives any node; if it is killed, set "
+                       "finetune.gradient_checkpointing=true or lower finetune.<role>.batch_size or max_length",
+                       need, max(nodes))
+    fit = memory_slots(workers, need, nodes)
+    if fit < slots:
+        logger.info("finetunes: %d lane(s) at once, not %d: each worker may need up to %.1f GiB of host memory and "
+                    "the nodes hold %s GiB", fit, slots, need, ", ".join(f"{n:.1f}" for n in nodes))
+    return min(slots, fit)
+
+
 def _free_cpus_for(want: float, timeout_s: float = 10.0) -> list[float]:
     """Each node's free CPUs, waited for (up to ``timeout_s``) until one node has ``want`` free or no node
     could: a society released just before (``Runtime.finetune``) gives its CPUs back asynchronously."""
@@ -266,6 +287,8 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
         logger.info("adapters done in %.0fs", time.time() - start)
         shutil.rmtree(storage_path, ignore_errors=True)
         return results
+    if gpus_per_worker == 0:
+        slots = _memory_capped(slots, todo, workers)
     lanes = plan_lanes(todo, slots, checkpointed_runs(storage_path))
     logger.info("%d finetunes in %d lanes at once: %s", len(todo), len(lanes),
                 "; ".join(", ".join(j.name for j in lane) for _, lane in lanes))

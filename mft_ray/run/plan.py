@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from mft_ray.methods.registry import get_method, method_config, train_units
 from mft_ray.models.builtin import BUILTIN_MODELS, builtin_model_dir
 from mft_ray.society.members import CRITIC, SUMMARIZER, plan_engines, society_members
 from mft_ray.training.slots import concurrent_slots, together_cpus
+from mft_ray.training.spec import FinetuneJob
 
 GIB = 2**30
 ASSUMED_VOCAB = 128256  # Llama-3's, for a model known only by its parameter count
@@ -208,6 +210,24 @@ def model_shape(config: Config) -> ModelShape | None:
     return ModelShape(p, hidden, hidden // 128, ASSUMED_VOCAB,
                       f"model.num_parameters; shape assumed: hidden {hidden}, {hidden // 128} layers, "
                       f"vocabulary {ASSUMED_VOCAB}")
+
+
+def checkpoint_shape(path: str | os.PathLike) -> ModelShape | None:
+    """The shape of the local Hugging Face checkpoint in ``path`` (its config.json); None if unreadable."""
+    return _shape_from_config_json(Path(path) / "config.json")
+
+
+def job_memory_gb(job: FinetuneJob, workers: int) -> float | None:
+    """The module docstring's estimate for one CPU worker of ``job`` (host memory, GiB), from its spec and its
+    checkpoint's shape; None when the shape is unknown. An upper bound: batches are padded to their longest
+    example, which may be shorter than ``max_length``."""
+    shape = checkpoint_shape(job.init_path)
+    if shape is None:
+        return None
+    s = job.spec
+    trainable = lora_parameters(shape, s.lora.rank, list(s.lora.target_modules)) if s.lora is not None else None
+    return finetune_memory_gb(shape, workers, s.zero_stage, s.bf16, s.gradient_checkpointing, s.batch_size,
+                              s.max_length, gpu=False, trainable=trainable)["total"]
 
 
 def _shape_from_config_json(path: Path) -> ModelShape | None:

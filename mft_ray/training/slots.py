@@ -29,3 +29,15 @@ def together_cpus(cpus_per_worker: float, slots: int, node_free: Sequence[float]
     node's free CPUs keeps the worker from waiting for CPUs another job holds or that no node has."""
     wide = math.floor(min(cpus_per_worker * slots, max(node_free, default=0.0)) + 1e-9)
     return max(cpus_per_worker, float(wide))
+
+
+def memory_slots(workers: int, per_worker_gb: float, node_memory_gb: Sequence[float]) -> int:
+    """How many finetunes of ``workers`` CPU workers, each estimated to need ``per_worker_gb`` of host memory,
+    the nodes' memory holds at once; at least 1 (the estimate is an upper bound, and one at a time is the
+    least a run can do). Ray does not account a process's memory, it kills the largest processes once a node
+    runs out: two fp32 lanes of SmolLM2 critic finetunes (~11 GB each) were killed that way on a 24 GB machine,
+    and the run then stalled, Ray retrying what its memory monitor killed."""
+    if per_worker_gb <= 0:
+        return 10**9
+    fit = sum(int(m / per_worker_gb + 1e-9) for m in node_memory_gb) // max(workers, 1)
+    return max(1, fit)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mft_ray.training.slots import concurrent_slots, together_cpus
+from mft_ray.training.slots import concurrent_slots, memory_slots, together_cpus
 
 
 @pytest.mark.parametrize(("workers", "cpus", "gpus", "total", "slots"), [
@@ -31,6 +31,17 @@ def test_slots_are_what_the_cluster_holds_at_once(workers, cpus, gpus, total, sl
 ])
 def test_adapters_trained_together_take_the_cpus_their_lanes_would(per_worker, slots, node_free, cpus) -> None:
     assert together_cpus(per_worker, slots, node_free) == cpus
+
+
+@pytest.mark.parametrize(("workers", "per_worker_gb", "nodes_gb", "slots"), [
+    (1, 11.0, [16.2], 1),         # SmolLM2 critics in fp32 on a 24 GB machine (Ray's 16.2 GiB): one lane, not 2
+    (1, 6.3, [16.2], 2),          # with gradient checkpointing: both lanes
+    (1, 20.0, [16.2], 1),         # over a node: still one (an upper bound); actors.finetune warns
+    (2, 5.0, [16.0, 16.0], 3),    # 3 + 3 workers on two nodes, 2 per finetune
+    (1, 0.0, [16.0], 10**9),      # no estimate to go by: memory does not bound the lanes
+])
+def test_cpu_lanes_fit_the_nodes_memory(workers, per_worker_gb, nodes_gb, slots) -> None:
+    assert memory_slots(workers, per_worker_gb, nodes_gb) == slots
 
 
 # -- lanes: several finetunes per Ray Train run (actors.finetune.plan_lanes) -----------------------------------

@@ -3,6 +3,7 @@ config against a described 8 x H100 (80 GB) node, the memory formula, and the co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,9 +13,19 @@ import pytest
 from jobs import cli
 from mft_ray.config import load_config
 from mft_ray.errors import ConfigError
-from mft_ray.run.plan import (GIB, ClusterSpec, ModelShape, finetune_memory_gb, lora_parameters, model_shape,
-                              resource_plan)
+from mft_ray.run.plan import (
+    GIB,
+    ClusterSpec,
+    ModelShape,
+    checkpoint_shape,
+    finetune_memory_gb,
+    job_memory_gb,
+    lora_parameters,
+    model_shape,
+    resource_plan,
+)
 from mft_ray.run.preflight import check_config, check_resources
+from mft_ray.training.spec import FinetuneJob, training_spec
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
@@ -154,6 +165,21 @@ def test_a_lora_societys_adapters_are_planned_as_one_run_with_the_lanes_cpus(clu
                                       ["finetune.adapter=lora", "finetune.adapters_together=false", *overrides]),
                           cluster).finetune
     assert not alone.together and alone.worker_cpus is None
+
+
+def test_a_cpu_finetune_jobs_host_memory_is_the_formula_on_its_checkpoint(tmp_path: Path) -> None:
+    """What actors.finetune caps its CPU lanes with: the formula, for the job's own spec and checkpoint."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", ["finetune.gradient_checkpointing=false"])
+    spec = training_spec(config, "critic", 1, 0)
+    job = FinetuneJob("critic_0", str(tmp_path), "data.jsonl", str(tmp_path / "out"), spec)
+    shape = checkpoint_shape(tmp_path)
+    assert shape is not None and shape.layers == 32 and shape.vocab == 128256
+    assert job_memory_gb(job, 1) == pytest.approx(finetune_memory_gb(shape, 1, 2, False, False, 8, 1024,
+                                                                      gpu=False)["total"])
+    checkpointed = dataclasses.replace(job, spec=dataclasses.replace(spec, gradient_checkpointing=True))
+    assert job_memory_gb(checkpointed, 1) < job_memory_gb(job, 1) - 50  # 8B: the activations of 32 layers
+    assert job_memory_gb(dataclasses.replace(job, init_path=str(tmp_path / "nowhere")), 1) is None
 
 
 def test_gpu_inference_with_cpu_finetunes_is_refused() -> None:
