@@ -156,11 +156,13 @@ def check_finetunes_fit(workers: int, cpus_per_worker: float, gpus_per_worker: f
                              "finetune.gpus_per_worker, or add nodes.")
 
 
-def _memory_capped(slots: int, todo: list[FinetuneJob], workers: int) -> int:
+def _memory_capped(slots: int, todo: list[FinetuneJob], workers: int, cpus_per_worker: float) -> int:
     """``slots`` lowered to the CPU finetunes whose workers the nodes' memory holds at once (``memory_slots``,
-    with the plan's estimate of the largest job: ``mft_ray.run.plan.job_memory_gb``)."""
+    with the plan's estimate of the largest job: ``mft_ray.run.plan.job_memory_gb``). Only nodes that can host
+    a worker count (a head node started with no CPUs cannot)."""
     estimates = [m for m in (job_memory_gb(j, workers) for j in todo) if m is not None]
-    nodes = [r.get("memory", 0.0) / GIB for r in placement.alive_node_resources()]
+    nodes = [r.get("memory", 0.0) / GIB for r in placement.alive_node_resources()
+             if r.get("CPU", 0.0) + 1e-9 >= cpus_per_worker]
     if not estimates or not any(nodes):
         return slots
     need = max(estimates)
@@ -288,7 +290,7 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
         shutil.rmtree(storage_path, ignore_errors=True)
         return results
     if gpus_per_worker == 0:
-        slots = _memory_capped(slots, todo, workers)
+        slots = _memory_capped(slots, todo, workers, cpus_per_worker)
     lanes = plan_lanes(todo, slots, checkpointed_runs(storage_path))
     logger.info("%d finetunes in %d lanes at once: %s", len(todo), len(lanes),
                 "; ".join(", ".join(j.name for j in lane) for _, lane in lanes))

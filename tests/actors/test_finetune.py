@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from actors import finetune, placement
+from actors.finetune import checkpointed_runs, plan_lanes
+from mft_ray.config import load_config
 from mft_ray.training.slots import concurrent_slots, memory_slots, together_cpus
+from mft_ray.training.spec import FinetuneJob, training_spec
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize(("workers", "cpus", "gpus", "total", "slots"), [
@@ -48,8 +55,6 @@ def test_cpu_lanes_fit_the_nodes_memory(workers, per_worker_gb, nodes_gb, slots)
 
 
 def _job(name: str, cost: float = 1.0):
-    from mft_ray.training.spec import FinetuneJob
-
     job = FinetuneJob(name, "base", f"/data/{name}.jsonl", f"/out/{name}", spec=None)  # type: ignore[arg-type]
     object.__setattr__(job, "_cost", cost)  # read by _cost below instead of a data file's size
     return job
@@ -60,8 +65,6 @@ def _cost(job) -> float:
 
 
 def test_lanes_balance_the_work_longest_first():
-    from actors.finetune import plan_lanes
-
     jobs = [_job("generator_0", 1), _job("generator_1", 4), _job("generator_2", 3), _job("critic_0", 9),
             _job("critic_1", 4), _job("critic_2", 2)]
     lanes = plan_lanes(jobs, 2, cost=_cost)
@@ -77,8 +80,6 @@ def test_lanes_balance_the_work_longest_first():
 
 def test_a_finetune_with_a_checkpoint_leads_the_lane_that_holds_it():
     """A rerun resumes a killed finetune only in the Ray Train run (directory) that holds its checkpoint."""
-    from actors.finetune import plan_lanes
-
     jobs = [_job("generator_0", 1), _job("generator_1", 4), _job("critic_0", 9), _job("critic_1", 2)]
     # generator_0 was the second finetune of the lane "critic_1"; critic_1 itself was exported before the kill.
     lanes = plan_lanes([j for j in jobs if j.name != "critic_1"], 2, {"generator_0": "critic_1"}, cost=_cost)
@@ -96,8 +97,6 @@ def test_a_finetune_with_a_checkpoint_leads_the_lane_that_holds_it():
 def _ray_train_run(storage, run: str, job: str | None, registered: bool = True) -> None:
     """A Ray Train run directory as Ray Train 2.60 leaves it: a snapshot naming its latest checkpoint, which
     holds the training loop's state file."""
-    import json
-
     ckpt = storage / run / "checkpoint_2026-12-04_10-00-00.000000"
     ckpt.mkdir(parents=True)
     state = {"fingerprint": "f", "next": 3, **({"job": job} if job else {})}
@@ -107,8 +106,6 @@ def _ray_train_run(storage, run: str, job: str | None, registered: bool = True) 
 
 
 def test_checkpointed_runs_names_the_finetune_each_checkpoint_belongs_to(tmp_path):
-    from actors.finetune import checkpointed_runs
-
     _ray_train_run(tmp_path, "critic_1", "generator_0")   # a lane's second finetune
     _ray_train_run(tmp_path, "critic_2", None)            # written before lanes: the run's own finetune
     _ray_train_run(tmp_path, "generator_2", "generator_2", registered=False)  # reported, never registered
@@ -116,3 +113,25 @@ def test_checkpointed_runs_names_the_finetune_each_checkpoint_belongs_to(tmp_pat
     (tmp_path / "broken" / "checkpoint_manager_snapshot.json").write_text("{not json")
     assert checkpointed_runs(str(tmp_path)) == {"generator_0": "critic_1", "critic_2": "critic_2"}
     assert checkpointed_runs(str(tmp_path / "missing")) == {}
+
+
+def test_cpu_lanes_are_capped_by_the_memory_of_nodes_that_can_host_a_worker(tmp_path, monkeypatch) -> None:
+    """actors.finetune._memory_capped: the SmolLM2 critics that were killed in 2 fp32 lanes get one lane on a
+    24 GB node (Ray's 16.2 GiB); a CPU-less head node's memory does not count; checkpointing allows both."""
+    smollm2 = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
+               "vocab_size": 49152, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(smollm2))
+
+    def job(*overrides: str) -> FinetuneJob:
+        config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", list(overrides))
+        return FinetuneJob("critic_0", str(tmp_path), "data.jsonl", str(tmp_path / "out"),
+                           training_spec(config, "critic", 1, 0))
+
+    nodes = [{"CPU": 0.0, "memory": 100 * 2**30}, {"CPU": 2.0, "memory": 16.2 * 2**30}]
+    monkeypatch.setattr(placement, "alive_node_resources", lambda: nodes)
+    killed = job("finetune.gradient_checkpointing=false", "finetune.critic.max_length=1024")
+    assert finetune._memory_capped(2, [killed], 1, 1.0) == 1
+    assert finetune._memory_capped(2, [job()], 1, 1.0) == 2  # the shipped config: checkpointing, 640 tokens
+    assert finetune._memory_capped(2, [killed], 1, 0.0) == 2  # a worker asking no CPU may land on the head
+    monkeypatch.setattr(placement, "alive_node_resources", lambda: [{"CPU": 2.0}])  # no memory reading
+    assert finetune._memory_capped(2, [killed], 1, 1.0) == 2

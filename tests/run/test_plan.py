@@ -170,7 +170,8 @@ def test_a_lora_societys_adapters_are_planned_as_one_run_with_the_lanes_cpus(clu
 def test_a_cpu_finetune_jobs_host_memory_is_the_formula_on_its_checkpoint(tmp_path: Path) -> None:
     """What actors.finetune caps its CPU lanes with: the formula, for the job's own spec and checkpoint."""
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
-    config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", ["finetune.gradient_checkpointing=false"])
+    config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", ["finetune.gradient_checkpointing=false",
+                                                                    "finetune.critic.max_length=1024"])
     spec = training_spec(config, "critic", 1, 0)
     job = FinetuneJob("critic_0", str(tmp_path), "data.jsonl", str(tmp_path / "out"), spec)
     shape = checkpoint_shape(tmp_path)
