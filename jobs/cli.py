@@ -232,12 +232,16 @@ def _plan(argv: Sequence[str]) -> None:
     parser.add_argument("--gpu-memory-gb", type=float, default=None,
                         help="GiB per GPU (default: the config's resources.gpu_memory_gb, 80)")
     parser.add_argument("--cpus-per-node", type=float, default=96, help="CPUs per node (default 96)")
+    parser.add_argument("--memory-gb-per-node", type=float, default=None,
+                        help="GiB of memory Ray gives each node (`ray status`); CPU finetunes then run in as many "
+                        "lanes as it holds at their estimate, as the jobs do (default: not described)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     args = parser.parse_args(argv)
     config = parse_config(args)
     gpu_gb = config.resources.gpu_memory_gb if args.gpu_memory_gb is None else args.gpu_memory_gb
-    plan = resource_plan(config, ClusterSpec(args.nodes, args.gpus_per_node, gpu_gb, args.cpus_per_node))
+    plan = resource_plan(config, ClusterSpec(args.nodes, args.gpus_per_node, gpu_gb, args.cpus_per_node,
+                                             args.memory_gb_per_node))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else f"plan of {args.config}\n{plan.format()}")
     if plan.problems:
         raise ConfigError(f"the plan has {len(plan.problems)} problem(s); the first: {plan.problems[0]}")

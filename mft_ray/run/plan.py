@@ -43,7 +43,7 @@ from mft_ray.errors import ConfigError, MftError
 from mft_ray.methods.registry import get_method, method_config, train_units
 from mft_ray.models.builtin import BUILTIN_MODELS, builtin_model_dir
 from mft_ray.society.members import CRITIC, SUMMARIZER, plan_engines, society_members
-from mft_ray.training.slots import concurrent_slots, together_cpus
+from mft_ray.training.slots import concurrent_slots, memory_slots, together_cpus
 from mft_ray.training.spec import FinetuneJob
 
 GIB = 2**30
@@ -59,6 +59,7 @@ class ClusterSpec:
     gpus_per_node: int = 8
     gpu_memory_gb: float = 80.0
     cpus_per_node: float = 96.0
+    memory_gb_per_node: float | None = None  # Ray's "memory" of each node (host RAM less the object store)
 
     def __post_init__(self) -> None:
         for name, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_node", 0)):
@@ -66,10 +67,13 @@ class ClusterSpec:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         if not self.gpu_memory_gb > 0:
             raise ConfigError(f"--gpu-memory-gb must be > 0, got {self.gpu_memory_gb}")
+        if self.memory_gb_per_node is not None and not self.memory_gb_per_node > 0:
+            raise ConfigError(f"--memory-gb-per-node must be > 0, got {self.memory_gb_per_node}")
 
     def describe(self) -> str:
+        memory = "" if self.memory_gb_per_node is None else f", {self.memory_gb_per_node:g} GiB of memory"
         return (f"{self.nodes} node(s) x {self.gpus_per_node} GPUs ({self.gpu_memory_gb:g} GiB each), "
-                f"{self.cpus_per_node:g} CPUs")
+                f"{self.cpus_per_node:g} CPUs{memory}")
 
 
 @dataclass(frozen=True)
@@ -380,6 +384,10 @@ def resource_plan(config: Config, cluster: ClusterSpec | None = None) -> Resourc
     if cluster is not None:
         group = [(ft.cpus_per_worker, ft.gpus_per_worker)] * ft.num_workers
         at_once = next((k - 1 for k in range(1, units + 1) if not _packs(group * k, cluster)), units)
+        if (not together and at_once and ft.gpus_per_worker == 0 and memory is not None
+                and cluster.memory_gb_per_node is not None):  # as actors.finetune caps CPU lanes
+            at_once = min(at_once, memory_slots(ft.num_workers, memory["total"],
+                                                [cluster.memory_gb_per_node] * cluster.nodes))
         if together and at_once:  # as actors.finetune.run_finetunes sizes the one run on an idle cluster
             worker_cpus = ft.cpus_per_worker
             if ft.num_workers == 1 and ft.gpus_per_worker == 0:

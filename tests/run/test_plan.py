@@ -183,6 +183,18 @@ def test_a_cpu_finetune_jobs_host_memory_is_the_formula_on_its_checkpoint(tmp_pa
     assert job_memory_gb(dataclasses.replace(job, init_path=str(tmp_path / "nowhere")), 1) is None
 
 
+@pytest.mark.parametrize(("overrides", "memory_gb", "at_once"), [
+    (["finetune.gradient_checkpointing=false", "finetune.critic.max_length=1024"], 16.2, 1),  # killed in 2 lanes
+    ([], 16.2, 2),                                    # the shipped config: checkpointing, 640 tokens
+    (["finetune.gradient_checkpointing=false", "finetune.critic.max_length=1024"], None, 2),  # memory unknown
+])
+def test_cpu_finetunes_at_once_fit_the_described_memory(overrides, memory_gb, at_once) -> None:
+    """`mft plan --memory-gb-per-node` caps CPU lanes as actors.finetune does on a running cluster."""
+    config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", overrides)
+    plan = resource_plan(config, ClusterSpec(1, 0, 80.0, 2, memory_gb))
+    assert plan.finetune.at_once == at_once, plan.format()
+
+
 def test_gpu_inference_with_cpu_finetunes_is_refused() -> None:
     config = load_config(LLAMA3, ["finetune.gpus_per_worker=0"])
     with pytest.raises(ConfigError) as info:
