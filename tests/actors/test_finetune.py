@@ -12,6 +12,7 @@ from mft_ray.config import load_config
 from mft_ray.training.slots import concurrent_slots, memory_slots, together_cpus
 from mft_ray.training.spec import FinetuneJob, training_spec
 from tests.conftest import REPO
+from tests.run.test_plan import SMOLLM2_135M
 
 
 @pytest.mark.parametrize(("workers", "cpus", "gpus", "total", "slots"), [
@@ -118,9 +119,7 @@ def test_checkpointed_runs_names_the_finetune_each_checkpoint_belongs_to(tmp_pat
 def test_cpu_lanes_are_capped_by_the_memory_of_nodes_that_can_host_a_worker(tmp_path, monkeypatch) -> None:
     """actors.finetune._memory_capped: the SmolLM2 critics that were killed in 2 fp32 lanes get one lane on a
     24 GB node (Ray's 16.2 GiB); a CPU-less head node's memory does not count; checkpointing allows both."""
-    smollm2 = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
-               "vocab_size": 49152, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}
-    (tmp_path / "config.json").write_text(json.dumps(smollm2))
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_135M))
 
     def job(*overrides: str) -> FinetuneJob:
         config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", list(overrides))

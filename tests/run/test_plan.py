@@ -32,6 +32,9 @@ CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 LLAMA = [c for c in CONFIGS if c.name.startswith("llama3_8b_")]
 LLAMA3 = str(REPO / "jobs/configs/llama3_8b_3agents.yaml")
 H100_NODE = ClusterSpec(nodes=1, gpus_per_node=8, gpu_memory_gb=80.0, cpus_per_node=192)  # a p5.48xlarge
+# SmolLM2-135M's config.json (the built-in real model), the fields the count reads: its cache may not be built yet.
+SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
+                "vocab_size": 49152, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}
 # Llama-3-8B's config.json, the fields the count reads.
 LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
              "vocab_size": 128256, "num_attention_heads": 32, "num_key_value_heads": 8, "tie_word_embeddings": False}
@@ -188,9 +191,10 @@ def test_a_cpu_finetune_jobs_host_memory_is_the_formula_on_its_checkpoint(tmp_pa
     ([], 16.2, 2),                                    # the shipped config: checkpointing, 640 tokens
     (["finetune.gradient_checkpointing=false", "finetune.critic.max_length=1024"], None, 2),  # memory unknown
 ])
-def test_cpu_finetunes_at_once_fit_the_described_memory(overrides, memory_gb, at_once) -> None:
+def test_cpu_finetunes_at_once_fit_the_described_memory(tmp_path, overrides, memory_gb, at_once) -> None:
     """`mft plan --memory-gb-per-node` caps CPU lanes as actors.finetune does on a running cluster."""
-    config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", overrides)
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", [f"model.path={tmp_path}", *overrides])
     plan = resource_plan(config, ClusterSpec(1, 0, 80.0, 2, memory_gb))
     assert plan.finetune.at_once == at_once, plan.format()
 
