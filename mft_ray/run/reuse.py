@@ -29,13 +29,13 @@ from mft_ray.errors import MftError
 from mft_ray.methods.registry import get_method, method_config
 from mft_ray.models.adapters import split_weights
 from mft_ray.run.files import read_json_checked, write_json_atomic
+from mft_ray.run.records import shard_files
 from mft_ray.run.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
 # Split -> the stage whose society debates it (mft_ray.algorithm: "collect" debates the finetune split).
 STAGES = {"eval": "evaluate", "finetune": "collect"}
-SHARDS = "shard_*.parquet"
 
 
 def debate_identity(config: Config, split: str) -> dict[str, Any] | None:
@@ -53,10 +53,6 @@ def debate_identity(config: Config, split: str) -> dict[str, Any] | None:
     placement = {k: data["resources"][k] for k in ("share_engine", "num_gpus_per_agent")}
     return {"seed": data["seed"], "task": data["task"], "model": data["model"], "sampling": data["sampling"],
             "debate": debate, "placement": placement, "prompt_style": get_method(c.method).prompt_style}
-
-
-def _shards(directory: Path) -> list[Path]:
-    return sorted(directory.glob(SHARDS)) if directory.is_dir() else []
 
 
 def ran_config(root: str | os.PathLike) -> Config | None:
@@ -80,7 +76,7 @@ def reuse_iteration0(dst_config: Config, src_root: str | os.PathLike) -> list[st
     src_config = ran_config(src.root)
     if src.root == dst.root or src_config is None or dst.saved_method() not in (None, dst_config.method):
         return []
-    if _saved_base(src) != split_weights(dst_config.model.path)[0]:  # e.g. a built-in model since rebuilt
+    if src.saved_base_model() != split_weights(dst_config.model.path)[0]:  # e.g. a built-in model since rebuilt
         return []
     copied = []
     for split in STAGES:
@@ -88,7 +84,7 @@ def reuse_iteration0(dst_config: Config, src_root: str | os.PathLike) -> list[st
         if identity is None or identity != debate_identity(src_config, split):
             continue
         source, target = src.debate_dir(0, split), dst.debate_dir(0, split)
-        shards = _shards(source)
+        shards = shard_files(source)
         if not shards or target.exists():
             continue
         staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")  # renamed whole into place
@@ -111,11 +107,6 @@ def reuse_iteration0(dst_config: Config, src_root: str | os.PathLike) -> list[st
         saved = saved if isinstance(saved, dict) else {}
         write_json_atomic({**saved, **{split: str(src.debate_dir(0, split)) for split in copied}}, marker)
     return copied
-
-
-def _saved_base(run: RunDir) -> str | None:
-    path = run.base_model_path
-    return path.read_text().strip() if path.is_file() else None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -216,7 +216,7 @@ class RunDir:
         """Refuse a run directory started from another base model: its finished stages would be reused as
         this model's results. A rebuilt built-in model (a new testbed recipe) resolves to a new directory,
         so rerunning ``make demo`` after an upgrade fails here instead of reprinting the old table."""
-        previous = self._saved_base_model()
+        previous = self.saved_base_model()
         if previous and previous != model:
             raise ConfigError(f"run_dir {str(self.root)!r} was started from base model {previous!r}, not "
                               f"{model!r}; its finished stages would be reused: use another run_dir or remove it")
@@ -224,10 +224,11 @@ class RunDir:
     def record_base_model(self, model: str) -> None:
         """Write what ``check_base_model`` compares against (after ``prepare``; once, so a resume rewrites
         nothing it finished)."""
-        if self._saved_base_model() != model:
+        if self.saved_base_model() != model:
             write_text_atomic(model + "\n", self.base_model_path)
 
-    def _saved_base_model(self) -> str:
+    def saved_base_model(self) -> str:
+        """The base model the run recorded (``record_base_model``); empty when none."""
         return self.base_model_path.read_text().strip() if self.base_model_path.is_file() else ""
 
     def prepare(self, config: Config) -> None:
