@@ -33,7 +33,7 @@ from mft_ray.run.files import file_digest, partial_path
 from mft_ray.training.export import METRICS_NAME, fsync_tree, write_manifest
 from mft_ray.training.loop import LOSS_PROBE_EXAMPLES, _fault_hook, _get_rng, _set_rng, read_examples
 from mft_ray.training.spec import FinetuneJob
-from mft_ray.training.tokenize import collate, encode_example
+from mft_ray.training.tokenize import collate, encode_example, keep_target_logits
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def train_adapters_per_worker(config: dict[str, Any]) -> None:
         with torch.no_grad():
             for i in range(0, len(probe), spec[name].batch_size):
                 batch = probe[i:i + spec[name].batch_size]
-                inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
+                collated = collate(batch, tokenizer.pad_token_id)
+                inputs = keep_target_logits({k: v.to(device) for k, v in collated.items()})
                 total += float(model(**inputs).loss) * len(batch)
         return total / len(probe)
 
@@ -166,7 +167,8 @@ def train_adapters_per_worker(config: dict[str, Any]) -> None:
             shuffled[(agent, epoch)] = [data[agent][j] for j in idx[rank::world]]
         batch = shuffled[(agent, epoch)][b * s.batch_size:(b + 1) * s.batch_size]
         model.set_adapter(agent)  # (also leaves only this adapter trainable: the others are frozen meanwhile)
-        inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
+        collated = collate(batch, tokenizer.pad_token_id)
+        inputs = keep_target_logits({k: v.to(device) for k, v in collated.items()})
         loss = model(**inputs).loss
         (loss / s.grad_accum).backward()
         state["micro"][agent] += 1

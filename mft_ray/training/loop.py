@@ -35,7 +35,7 @@ from typing import Any
 from mft_ray.run.files import file_digest, partial_path
 from mft_ray.training.export import METRICS_NAME, fsync_tree, write_manifest
 from mft_ray.training.spec import FinetuneJob, TrainingSpec
-from mft_ray.training.tokenize import collate, encode_example
+from mft_ray.training.tokenize import collate, encode_example, keep_target_logits
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _mean_loss(engine: Any, encoded: list[dict], pad_id: int, batch_size: int, d
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in _batches(encoded, batch_size):
-            inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+            inputs = keep_target_logits({k: v.to(device) for k, v in collate(batch, pad_id).items()})
             total += float(engine(**inputs).loss) * len(batch)
             count += len(batch)
     return total / max(count, 1)
@@ -299,7 +299,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             i = epoch * steps_per_epoch + b  # this micro-batch's place in the whole run
             if i < state["next"]:
                 continue
-            inputs = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+            inputs = keep_target_logits({k: v.to(device) for k, v in collate(batch, pad_id).items()})
             loss = engine(**inputs).loss
             engine.backward(loss)
             engine.step()

@@ -67,3 +67,21 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any
         labels[i, :n] = torch.tensor(b["labels"])
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def keep_target_logits(inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` (a collated batch) asking the model for logits only where a target is predicted.
+
+    A causal LM's loss reads the logits at the positions just before target tokens; the prompt's positions
+    are computed and thrown away. On a critic's example (a prompt of a few hundred tokens, a reply of ~100)
+    the output layer over a 49k vocabulary and its log-softmax are a large part of a step's time and
+    memory. The window starts one position before the batch's first target token, and labels are cut to
+    the same window, so the loss (a mean over the same target tokens) and its gradients are unchanged.
+    Needs a model whose forward takes ``logits_to_keep`` (transformers' causal LMs do).
+    """
+    labels = inputs["labels"]
+    targets = (labels != IGNORE).any(dim=0).nonzero()
+    if len(targets) == 0:
+        return inputs
+    start = max(int(targets[0]) - 1, 0)
+    return {**inputs, "labels": labels[:, start:], "logits_to_keep": labels.shape[1] - start}

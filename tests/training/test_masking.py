@@ -215,3 +215,46 @@ def test_collate_right_pads(tok):
     assert mask[0] == [1] * n + [0] * (width - n)
     assert ids[1] == long["input_ids"] and labels[1] == long["labels"] and mask[1] == [1] * width
     assert str(batch["input_ids"].dtype) == "torch.int64" and str(batch["labels"].dtype) == "torch.int64"
+
+
+def test_keep_target_logits_leaves_loss_and_gradients_unchanged(tok, tmp_path):
+    """The loss over the target window equals the loss over every position, and so do the gradients;
+    the window starts one position before the batch's first target (not at 0, not later)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mft_ray.models.tiny import TinyModelSpec, build_tiny_llama
+    from mft_ray.training.tokenize import keep_target_logits
+
+    long = encode_example(tok, critic_conversation(rounds=2), max_length=4096)
+    short = encode_example(tok, [{"role": "user", "content": "A question of some length"},
+                                 {"role": "assistant", "content": "A"}], max_length=4096)
+    batch = collate([short, long], pad_id=0)
+    first = min(labels.index(next(x for x in labels if x != IGNORE)) for labels in (short["labels"], long["labels"]))
+    assert first > 1
+    trimmed = keep_target_logits(batch)
+    assert trimmed["logits_to_keep"] == batch["labels"].shape[1] - (first - 1)
+    assert torch.equal(trimmed["labels"], batch["labels"][:, first - 1:])
+    assert trimmed["labels"].shape[1] < batch["labels"].shape[1]
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_llama(tmp_path / "m", TinyModelSpec()))
+    losses, grads = [], []
+    for inputs in (batch, trimmed):
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        losses.append(float(out.loss.detach()))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert out.logits.shape[1] == inputs["labels"].shape[1]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_keep_target_logits_without_targets_keeps_the_batch(tok):
+    import torch
+
+    from mft_ray.training.tokenize import keep_target_logits
+
+    batch = {"input_ids": torch.ones((1, 4), dtype=torch.long), "labels": torch.full((1, 4), IGNORE)}
+    assert keep_target_logits(batch) is batch
