@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mft_ray.engines.base import native_bf16
 from mft_ray.run.files import file_digest, partial_path
 from mft_ray.training.export import METRICS_NAME, fsync_tree, write_manifest
 from mft_ray.training.loop import LOSS_PROBE_EXAMPLES, _fault_hook, _get_rng, _set_rng, read_examples
@@ -61,6 +62,16 @@ def _fingerprint(jobs: list[FinetuneJob], world: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def base_dtype(setting: str, bf16: bool, device_type: str) -> Any:
+    """The frozen base's torch dtype for ``finetune.lora.base_dtype`` on this worker: ``auto`` is bfloat16 with
+    ``finetune.bf16``, on a GPU, or on a CPU that computes bf16 natively (``native_bf16``), else float32."""
+    import torch
+
+    if setting != "auto":
+        return getattr(torch, setting)
+    return torch.bfloat16 if bf16 or device_type == "cuda" or native_bf16() else torch.float32
+
+
 def train_adapters_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config["jobs"]``: the LoRA ``FinetuneJob``s of one iteration (as
     ``FinetuneJob.to_loop_config`` wrote them), all on one base model (``init_path``)."""
@@ -87,7 +98,7 @@ def train_adapters_per_worker(config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=first.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if first.bf16 else torch.float32
+    dtype = base_dtype(first.lora.base_dtype, first.bf16, device.type)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=first.trust_remote_code)
     if first.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -104,7 +115,11 @@ def train_adapters_per_worker(config: dict[str, Any]) -> None:
             model.load_adapter(job.init_adapter, adapter_name=job.name, is_trainable=True)
         else:
             model.add_adapter(job.name, settings)
+    for n, p in model.named_parameters():  # the adapters train in float32 whatever the frozen base's dtype
+        if "lora_" in n:
+            p.data = p.data.float()
     model.to(device)
+    logger.info("adapters %s: frozen base in %s", names, dtype)
 
     def params(name: str) -> list[Any]:
         return [p for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n]

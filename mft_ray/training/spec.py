@@ -28,6 +28,7 @@ class LoraSpec:
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]
+    base_dtype: str = "auto"  # the frozen base's dtype in the adapters' joint run (finetune.lora.base_dtype)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def training_spec(config: Config, role: str, iteration: int, index: int) -> Trai
         bf16=ft.bf16 if ft.bf16 is not None else ft.gpus_per_worker > 0,
         trust_remote_code=config.model.trust_remote_code, seed=int.from_bytes(digest[:4], "little"),
         checkpoint_every_steps=ft.checkpoint_every_steps,
-        lora=LoraSpec(ft.lora.rank, ft.lora.alpha, ft.lora.dropout, tuple(ft.lora.target_modules))
+        lora=LoraSpec(ft.lora.rank, ft.lora.alpha, ft.lora.dropout, tuple(ft.lora.target_modules), ft.lora.base_dtype)
         if ft.adapter == "lora" else None)
 
 

@@ -30,6 +30,20 @@ GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
 QUESTION = [{"role": "user", "content": "What is 3 + 4?"}]
 
 
+def test_the_frozen_base_is_bf16_where_the_worker_computes_bf16(monkeypatch):
+    import torch
+
+    from mft_ray.training import joint_lora
+
+    for native in (False, True):
+        monkeypatch.setattr(joint_lora, "native_bf16", lambda native=native: native)
+        assert joint_lora.base_dtype("auto", False, "cpu") == (torch.bfloat16 if native else torch.float32)
+        assert joint_lora.base_dtype("auto", True, "cpu") == torch.bfloat16  # finetune.bf16
+        assert joint_lora.base_dtype("auto", False, "cuda") == torch.bfloat16
+        assert joint_lora.base_dtype("float32", True, "cuda") == torch.float32  # an explicit setting wins
+        assert joint_lora.base_dtype("bfloat16", False, "cpu") == torch.bfloat16
+
+
 def test_lora_settings_reach_the_training_spec_and_survive_ray_trains_loop_config():
     from mft_ray.training.loop import _fingerprint
     from mft_ray.training.spec import FinetuneJob, LoraSpec, training_spec
@@ -52,6 +66,12 @@ def test_lora_settings_reach_the_training_spec_and_survive_ray_trains_loop_confi
         load_config(None, ["finetune.adapter=lora"])  # ZeRO-3 is the default
     with pytest.raises(ConfigError, match="finetune.adapter must be one of"):
         load_config(None, ["finetune.adapter=qlora"])
+    assert spec.lora.base_dtype == "auto"
+    with pytest.raises(ConfigError, match=r"finetune.lora.base_dtype must be one of"):
+        load_config(None, ["finetune.adapter=lora", "finetune.zero_stage=2", "finetune.lora.base_dtype=fp8"])
+    with pytest.raises(ConfigError, match=r"applies to adapters trained together"):  # DeepSpeed's precision rules
+        load_config(None, ["finetune.adapter=lora", "finetune.zero_stage=2", "finetune.adapters_together=false",
+                           "finetune.lora.base_dtype=bfloat16"])
     # A training-state checkpoint resumes only the same adapter training: same LoRA shape, same starting adapter.
     lora = dataclasses.replace(job, data_path=__file__)
     assert _fingerprint(lora, 10, 1) != _fingerprint(dataclasses.replace(lora, init_adapter=None), 10, 1)
