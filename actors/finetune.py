@@ -252,7 +252,7 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
     each lane one Ray Train run training its jobs one after another; return each job's training metrics.
     ``together``: the unfinished jobs (LoRA adapters of one base) are one Ray Train run over one copy of the
     base (``mft_ray.training.joint_lora``); on CPUs its one worker gets the CPUs the lanes would use
-    (``together_cpus``).
+    (``together_cpus``). So does the worker of a single lane of separate finetunes (one CPU worker each).
 
     ``storage_path`` holds the Ray Train runs (``RunDir.ray_train_dir``): a killed finetune resumes there; it is
     removed once every job is exported."""
@@ -289,12 +289,18 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
         logger.info("adapters done in %.0fs", time.time() - start)
         shutil.rmtree(storage_path, ignore_errors=True)
         return results
+    cpu_slots = slots
     if gpus_per_worker == 0:
         slots = _memory_capped(slots, todo, workers, cpus_per_worker)
     lanes = plan_lanes(todo, slots, checkpointed_runs(storage_path))
-    logger.info("%d finetunes in %d lanes at once: %s", len(todo), len(lanes),
+    cpus = cpus_per_worker
+    if len(lanes) == 1 and workers == 1 and gpus_per_worker == 0:
+        # One lane (a single model's finetune, or the memory allows no more) would leave the CPUs the other
+        # lanes could use idle: its worker takes them as torch threads, as adapters trained together do.
+        cpus = together_cpus(cpus_per_worker, cpu_slots, _free_cpus_for(cpus_per_worker * cpu_slots))
+    logger.info("%d finetunes in %d lanes at once (%g CPUs per worker): %s", len(todo), len(lanes), cpus,
                 "; ".join(", ".join(j.name for j in lane) for _, lane in lanes))
-    pending = {_fit.remote(lane, workers, cpus_per_worker, gpus_per_worker, max_failures, storage_path,
+    pending = {_fit.remote(lane, workers, cpus, gpus_per_worker, max_failures, storage_path,
                            run_name=name): lane for name, lane in lanes}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -1,6 +1,6 @@
 """A LoRA society against a full one on the real model: serving memory and the 2N finetunes' wall time.
 
-    python benchmarks/lora_society.py [--problems 24] [--engine vllm] [--max-new-tokens 64]
+    python benchmarks/lora_society.py [--problems 24] [--engine vllm] [--max-new-tokens 64] [--lora-base-dtype auto]
 
 SmolLM2-135M-Instruct (``builtin:smollm2-135m-instruct``), 3 agents x 2 rounds. The base society debates
 the finetune split once; both modes then build the same per-agent sets from that one debate and finetune
@@ -41,6 +41,7 @@ from mft_ray.models.builtin import build_builtin_model  # noqa: E402
 from mft_ray.run.rundir import RunDir  # noqa: E402
 from mft_ray.society.members import society_members  # noqa: E402
 from mft_ray.tasks import make_splits, make_task  # noqa: E402
+from mft_ray.training.joint_lora import base_dtype  # noqa: E402
 
 GB = 2**30
 
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=24, help="finetune-split problems debated once")
     ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--lora-base-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="finetune.lora.base_dtype: the frozen base's dtype while the adapters train")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
     args = ap.parse_args()
 
@@ -72,8 +75,9 @@ def main() -> None:
               "finetune.generator.epochs=1", "finetune.critic.epochs=1", "finetune.zero_stage=2",
               "finetune.generator.max_length=512", "finetune.critic.max_length=1024",
               "finetune.cpus_per_worker=1", "metrics.embedding=false", "metrics.nll_problems=0"]
+    own = {"full": [], "lora": [f"finetune.lora.base_dtype={args.lora_base_dtype}"]}
     configs = {mode: load_config(Path(__file__).resolve().parents[1] / "jobs/configs/smollm2_cpu.yaml",
-                                 [*common, f"finetune.adapter={mode}", f"run_dir={work / mode}"])
+                                 [*common, f"finetune.adapter={mode}", f"run_dir={work / mode}", *own[mode]])
                for mode in ("full", "lora")}
     build_builtin_model(configs["full"].model.path)  # once, in this process, with every core
     runtime = connect_ray()
@@ -108,8 +112,12 @@ def main() -> None:
         "memory_ratio": round(out["lora"]["society_memory_gb"] / base_memory, 3),
         "finetune_time_ratio": round(out["lora"]["finetune_s"] / out["full"]["finetune_s"], 3),
         "debate_s": round(debate_s, 1), "problems": args.problems, "engine": args.engine,
-        "model": "SmolLM2-135M-Instruct (fp32)", "lora": {**out["lora"], "rank": configs["lora"].finetune.lora.rank,
-                                                          "targets": configs["lora"].finetune.lora.target_modules},
+        # The full finetunes train float32 weights (finetune.bf16 is off on CPU); the adapters are float32
+        # over a frozen base of this dtype (resolved here, on the machine the workers run on).
+        "model": "SmolLM2-135M-Instruct", "full": {**out["full"], "dtype": "float32"},
+        "lora": {**out["lora"], "rank": configs["lora"].finetune.lora.rank,
+                 "targets": configs["lora"].finetune.lora.target_modules,
+                 "base_dtype": str(base_dtype(args.lora_base_dtype, False, "cpu")).removeprefix("torch.")},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     })
     if args.work is None:

@@ -174,8 +174,9 @@ class ResourcePlan:
             m = f.memory_gb
             lines.append(f"  memory {where}, estimated: " + ("unknown (set model.num_parameters)" if m is None else
                          f"{m['total']:.1f} GiB = " + " + ".join(f"{k} {v:.1f}" for k, v in m.items() if k != "total")))
+            wide = f.worker_cpus is not None and f.worker_cpus != f.cpus_per_worker
             if f.together:
-                if f.worker_cpus is not None and f.worker_cpus != f.cpus_per_worker:
+                if wide:
                     lines.append(f"  its CPU worker takes {f.worker_cpus:g} CPUs on the cluster: those of the lanes "
                                  "separate finetunes would use, free on one node (more torch threads)")
             elif f.at_once is not None:
@@ -183,6 +184,9 @@ class ResourcePlan:
                 lines.append(f"  at once on the cluster: {f.at_once} of {f.units}" +
                              (f" ({min(f.at_once, f.units)} lane(s), ~{per_lane} finetune(s) each one after "
                               "another, per iteration)" if f.at_once else ""))
+                if wide:
+                    lines.append(f"  one lane: its CPU worker takes {f.worker_cpus:g} CPUs on the cluster, those the "
+                                 "other lanes would use, free on one node (more torch threads)")
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"PROBLEM: {p}" for p in self.problems] or ["problems: none"]
         return "\n".join(lines)
@@ -388,14 +392,20 @@ def resource_plan(config: Config, cluster: ClusterSpec | None = None) -> Resourc
                 and cluster.memory_gb_per_node is not None):  # as actors.finetune caps CPU lanes
             at_once = min(at_once, memory_slots(ft.num_workers, memory["total"],
                                                 [cluster.memory_gb_per_node] * cluster.nodes))
-        if together and at_once:  # as actors.finetune.run_finetunes sizes the one run on an idle cluster
+        # As actors.finetune.run_finetunes sizes a run that trains alone on an idle cluster: the adapters'
+        # one run takes the CPUs of the lanes separate finetunes would use; a single lane, those of every lane.
+        alone = together and at_once or (not together and at_once == 1)
+        if alone and ft.num_workers == 1 and ft.gpus_per_worker == 0:
+            total = {"CPU": cluster.nodes * cluster.cpus_per_node, "GPU": cluster.nodes * cluster.gpus_per_node}
+            slots = concurrent_slots(1, ft.cpus_per_worker, 0.0, total)
+            if together:
+                slots = min(slots, units)
+            if ft.max_concurrent > 0:
+                slots = min(slots, ft.max_concurrent)
+            worker_cpus = together_cpus(ft.cpus_per_worker, slots, [cluster.cpus_per_node] * cluster.nodes)
+        elif together and at_once:
             worker_cpus = ft.cpus_per_worker
-            if ft.num_workers == 1 and ft.gpus_per_worker == 0:
-                total = {"CPU": cluster.nodes * cluster.cpus_per_node, "GPU": cluster.nodes * cluster.gpus_per_node}
-                slots = min(concurrent_slots(1, ft.cpus_per_worker, 0.0, total), units)
-                if ft.max_concurrent > 0:
-                    slots = min(slots, ft.max_concurrent)
-                worker_cpus = together_cpus(ft.cpus_per_worker, slots, [cluster.cpus_per_node] * cluster.nodes)
+        if together and at_once:
             at_once = 1
         if at_once == 0:
             plan.problems.append(f"a finetune needs {ft.num_workers} worker(s) of GPU {ft.gpus_per_worker:g}, CPU "

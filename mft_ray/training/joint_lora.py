@@ -222,7 +222,7 @@ def train_adapters_per_worker(config: dict[str, Any]) -> None:
         results[job.name] = {"name": job.name, "examples": len(data[job.name]), "epochs": job.spec.epochs,
                              "loss_before": state["loss_before"][job.name], "loss_after": after,
                              "epoch_losses": state["epoch_losses"][job.name], "world_size": world,
-                             "adapters_together": len(jobs)}
+                             "adapters_together": len(jobs), "torch_threads": torch.get_num_threads()}
         if resumed_at is not None:
             results[job.name]["resumed_after_micro_batches"] = resumed_at
         if rank == 0:

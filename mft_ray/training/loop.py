@@ -241,6 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = job.spec
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logger.info("finetune %s: rank %d of %d, %d torch threads", job.name, rank, world, torch.get_num_threads())
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if torch.cuda.is_available() else "cpu")
@@ -329,7 +330,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_after = _mean_loss(engine, probe, pad_id, spec.batch_size, device)
     metrics = {"name": job.name, "examples": len(encoded), "epochs": spec.epochs, "steps": total_steps,
                "loss_before": state["loss_before"], "loss_after": loss_after, "epoch_losses": state["epoch_losses"],
-               "world_size": world, "zero_stage": spec.zero_stage}
+               "world_size": world, "zero_stage": spec.zero_stage, "torch_threads": torch.get_num_threads()}
     if resumed_at is not None:
         metrics["resumed_after_micro_batches"] = resumed_at
     _export(engine, model, tokenizer, job, metrics, rank)

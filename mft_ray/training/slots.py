@@ -21,12 +21,13 @@ def concurrent_slots(workers: int, cpus_per_worker: float, gpus_per_worker: floa
 
 
 def together_cpus(cpus_per_worker: float, slots: int, node_free: Sequence[float]) -> float:
-    """The CPUs of the one CPU worker that trains a LoRA society's adapters together: what the ``slots``
-    lanes of separate finetunes would use, within the most CPUs free on one node now (``node_free``), never
-    fewer than ``cpus_per_worker``. Adapters share one copy of the base in one process, so their run is one
-    worker; more CPUs make it more torch threads (Ray sets OMP_NUM_THREADS to a worker's whole CPUs unless
-    it is already set), and the training itself (data order, batches) is unchanged. Counting only one
-    node's free CPUs keeps the worker from waiting for CPUs another job holds or that no node has."""
+    """The CPUs of a CPU worker that trains alone: what ``slots`` lanes of separate finetunes would use, within
+    the most CPUs free on one node now (``node_free``), never fewer than ``cpus_per_worker``. A LoRA society's
+    adapters share one copy of the base in one process, so their run is one worker; a single model's finetune
+    (or the one lane the host memory allows) is one too. More CPUs make it more torch threads (Ray sets
+    OMP_NUM_THREADS to a worker's whole CPUs unless it is already set), and the training itself (data order,
+    batches) is unchanged. Counting only one node's free CPUs keeps the worker from waiting for CPUs another
+    job holds or that no node has."""
     wide = math.floor(min(cpus_per_worker * slots, max(node_free, default=0.0)) + 1e-9)
     return max(cpus_per_worker, float(wide))
 

@@ -170,6 +170,28 @@ def test_a_lora_societys_adapters_are_planned_as_one_run_with_the_lanes_cpus(clu
     assert not alone.together and alone.worker_cpus is None
 
 
+@pytest.mark.parametrize(("method", "cluster", "overrides", "cpus"), [
+    ("single_agent_ft", ClusterSpec(1, 0, 80.0, 2), [], 2.0),            # one model: one lane takes both cores
+    ("majority_ft", ClusterSpec(1, 0, 80.0, 96), [], 96.0),              # every CPU of the node
+    ("majority_ft", ClusterSpec(1, 0, 80.0, 96), ["finetune.max_concurrent=4"], 4.0),
+    ("multiagent_ft", ClusterSpec(1, 0, 80.0, 2), [], None),             # 2 lanes of 6 finetunes: as configured
+    ("multiagent_ft", ClusterSpec(1, 0, 80.0, 2, 7.0), ["model.num_parameters=0.135"], 2.0),  # memory: one lane
+    ("single_agent_ft", ClusterSpec(1, 0, 80.0, 2), ["finetune.num_workers=2"], None),
+])
+def test_a_lone_cpu_lane_is_planned_with_the_cpus_of_every_lane(method, cluster, overrides, cpus) -> None:
+    """`mft plan` shows what actors.finetune.run_finetunes does when an iteration's full finetunes run in one lane
+    on CPUs: its one worker takes the CPUs the other lanes would have used."""
+    config = load_config(REPO / "jobs/configs/smollm2_cpu.yaml", [f"method={method}", *overrides])
+    f = resource_plan(config, cluster).finetune
+    text = resource_plan(config, cluster).format()
+    assert not f.together and f.worker_cpus == cpus, text
+    assert ("one lane: its CPU worker takes" in text) == (cpus is not None), text
+    if cpus is not None:
+        assert f"takes {cpus:g} CPUs" in text
+    if cpus is not None:
+        assert f.at_once == 1
+
+
 def test_a_cpu_finetune_jobs_host_memory_is_the_formula_on_its_checkpoint(tmp_path: Path) -> None:
     """What actors.finetune caps its CPU lanes with: the formula, for the job's own spec and checkpoint."""
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
