@@ -113,11 +113,11 @@ def main() -> None:
         "finetune_time_ratio": round(out["lora"]["finetune_s"] / out["full"]["finetune_s"], 3),
         "debate_s": round(debate_s, 1), "problems": args.problems, "engine": args.engine,
         # The full finetunes train float32 weights (finetune.bf16 is off on CPU); the adapters are float32
-        # over a frozen base of this dtype (resolved here, on the machine the workers run on).
+        # over a frozen base of this dtype.
         "model": "SmolLM2-135M-Instruct", "full": {**out["full"], "dtype": "float32"},
         "lora": {**out["lora"], "rank": configs["lora"].finetune.lora.rank,
                  "targets": configs["lora"].finetune.lora.target_modules,
-                 "base_dtype": str(base_dtype(args.lora_base_dtype, False, "cpu")).removeprefix("torch.")},
+                 "base_dtype": str(base_dtype(args.lora_base_dtype, False)).removeprefix("torch.")},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     })
     if args.work is None:

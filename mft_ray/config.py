@@ -242,10 +242,11 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     lr_scale: float = 10.0
-    # The frozen base's dtype while the adapters train together (finetune.adapters_together): auto = bfloat16
-    # where the worker computes it natively (a GPU, or a CPU with AVX512-BF16/AMX), else float32. Nothing
-    # updates the base, so it needs no float32 master copy; the adapters and their AdamW state stay float32
-    # (PEFT). On such a CPU a LoRA step over a bf16 base ran 1.8x faster than over float32, same loss to 0.3%.
+    # The frozen base's dtype while the adapters train together (finetune.adapters_together): auto = what
+    # finetune.bf16 gives a full finetune (bf16 on GPUs, float32 on CPUs), so LoRA and full societies compare
+    # at one precision. bfloat16 on a CPU with AVX512-BF16/AMX is faster (a SmolLM2 LoRA step 1.8x, the
+    # LoRA benchmark's joint run 1.38x) but a new adapter's small effect is partly rounded away in a bf16
+    # forward (its loss moved less: after/before 0.993-0.999 vs 0.987-0.994). Adapters and AdamW stay float32.
     base_dtype: str = "auto"
 
     def validate(self, prefix: str) -> None:

@@ -29,7 +29,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mft_ray.engines.base import native_bf16
 from mft_ray.run.files import file_digest, partial_path
 from mft_ray.training.export import METRICS_NAME, fsync_tree, write_manifest
 from mft_ray.training.loop import LOSS_PROBE_EXAMPLES, _fault_hook, _get_rng, _set_rng, read_examples
@@ -62,14 +61,14 @@ def _fingerprint(jobs: list[FinetuneJob], world: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def base_dtype(setting: str, bf16: bool, device_type: str) -> Any:
-    """The frozen base's torch dtype for ``finetune.lora.base_dtype`` on this worker: ``auto`` is bfloat16 with
-    ``finetune.bf16``, on a GPU, or on a CPU that computes bf16 natively (``native_bf16``), else float32."""
+def base_dtype(setting: str, bf16: bool) -> Any:
+    """The frozen base's torch dtype for ``finetune.lora.base_dtype``: ``auto`` follows ``finetune.bf16`` (the
+    precision a full finetune of the same config trains in: bf16 on GPUs, float32 on CPUs by default)."""
     import torch
 
     if setting != "auto":
         return getattr(torch, setting)
-    return torch.bfloat16 if bf16 or device_type == "cuda" or native_bf16() else torch.float32
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def train_adapters_per_worker(config: dict[str, Any]) -> None:
@@ -98,7 +97,7 @@ def train_adapters_per_worker(config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=first.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dtype = base_dtype(first.lora.base_dtype, first.bf16, device.type)
+    dtype = base_dtype(first.lora.base_dtype, first.bf16)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=first.trust_remote_code)
     if first.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -30,18 +30,14 @@ GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
 QUESTION = [{"role": "user", "content": "What is 3 + 4?"}]
 
 
-def test_the_frozen_base_is_bf16_where_the_worker_computes_bf16(monkeypatch):
+def test_the_frozen_base_is_in_the_full_finetunes_precision_unless_set():
     import torch
 
-    from mft_ray.training import joint_lora
+    from mft_ray.training.joint_lora import base_dtype
 
-    for native in (False, True):
-        monkeypatch.setattr(joint_lora, "native_bf16", lambda native=native: native)
-        assert joint_lora.base_dtype("auto", False, "cpu") == (torch.bfloat16 if native else torch.float32)
-        assert joint_lora.base_dtype("auto", True, "cpu") == torch.bfloat16  # finetune.bf16
-        assert joint_lora.base_dtype("auto", False, "cuda") == torch.bfloat16
-        assert joint_lora.base_dtype("float32", True, "cuda") == torch.float32  # an explicit setting wins
-        assert joint_lora.base_dtype("bfloat16", False, "cpu") == torch.bfloat16
+    assert base_dtype("auto", False) == torch.float32  # finetune.bf16 off: CPUs by default
+    assert base_dtype("auto", True) == torch.bfloat16  # GPUs by default
+    assert base_dtype("bfloat16", False) == torch.bfloat16 and base_dtype("float32", True) == torch.float32
 
 
 def test_lora_settings_reach_the_training_spec_and_survive_ray_trains_loop_config():
