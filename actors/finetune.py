@@ -289,6 +289,10 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
         logger.info("adapters done in %.0fs", time.time() - start)
         shutil.rmtree(storage_path, ignore_errors=True)
         return results
+    alone = [j.name for j in todo if j.spec.lora is not None and j.spec.lora.base_dtype != "auto"]
+    if alone:  # one adapter left (a rerun), or a single model's: the per-agent loop, under DeepSpeed
+        logger.warning("finetune.lora.base_dtype applies to adapters trained together; %s train(s) alone, in the "
+                       "precision of finetune.bf16", ", ".join(alone))
     cpu_slots = slots
     if gpus_per_worker == 0:
         slots = _memory_capped(slots, todo, workers, cpus_per_worker)

@@ -246,7 +246,9 @@ class LoraConfig:
     # finetune.bf16 gives a full finetune (bf16 on GPUs, float32 on CPUs), so LoRA and full societies compare
     # at one precision. bfloat16 on a CPU with AVX512-BF16/AMX is faster (a SmolLM2 LoRA step 1.8x, the
     # LoRA benchmark's joint run 1.38x) but a new adapter's small effect is partly rounded away in a bf16
-    # forward (its loss moved less: after/before 0.993-0.999 vs 0.987-0.994). Adapters and AdamW stay float32.
+    # forward (its loss moved less: after/before 0.993-0.999 vs 0.987-0.994). The adapters and AdamW are float32
+    # in the joint run whatever the base (on GPUs too). A lone adapter (a rerun's last, a single model's) trains
+    # in the per-agent loop, in finetune.bf16's precision.
     base_dtype: str = "auto"
 
     def validate(self, prefix: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 from mft_ray.run.files import file_digest, partial_path
 from mft_ray.training.export import METRICS_NAME, fsync_tree, write_manifest
 from mft_ray.training.loop import LOSS_PROBE_EXAMPLES, _fault_hook, _get_rng, _set_rng, read_examples
-from mft_ray.training.spec import FinetuneJob
+from mft_ray.training.spec import FinetuneJob, hashed_spec
 from mft_ray.training.tokenize import collate, encode_example, keep_target_logits
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def schedule(sizes: dict[str, int], batch: dict[str, int], epochs: dict[str, int
 
 def _fingerprint(jobs: list[FinetuneJob], world: int) -> str:
     """What a checkpoint must match to be resumed: every job's settings and data, and the world size."""
-    blob = json.dumps({"jobs": [{**job.to_loop_config(), "data": file_digest(job.data_path), "output_dir": None,
+    blob = json.dumps({"jobs": [{**job.to_loop_config(), "spec": hashed_spec(job.to_loop_config()["spec"]),
+                                 "data": file_digest(job.data_path), "output_dir": None,
                                  "iteration": None, "fault_hook": None} for job in jobs], "world": world},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

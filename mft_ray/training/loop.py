@@ -34,7 +34,7 @@ from typing import Any
 
 from mft_ray.run.files import file_digest, partial_path
 from mft_ray.training.export import METRICS_NAME, fsync_tree, write_manifest
-from mft_ray.training.spec import FinetuneJob, TrainingSpec
+from mft_ray.training.spec import FinetuneJob, TrainingSpec, hashed_spec
 from mft_ray.training.tokenize import collate, encode_example, keep_target_logits
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ def _fingerprint(job: FinetuneJob, examples: int, world: int) -> str:
     The settings are the spec, the name and the input paths (not the output directory, the iteration or the
     test-only fault hook); hashed as the flat dict earlier versions passed to the loop, so a run started by
     one of those still resumes."""
-    keys = {**dataclasses.asdict(job.spec), "init_path": job.init_path, "data_path": job.data_path, "name": job.name}
+    keys = {**hashed_spec(dataclasses.asdict(job.spec)), "init_path": job.init_path, "data_path": job.data_path,
+            "name": job.name}
     if job.spec.lora is None:  # as before adapters existed, so a full finetune's checkpoint still matches
         del keys["lora"]
     else:

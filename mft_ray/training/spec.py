@@ -17,7 +17,7 @@ from typing import Any
 from mft_ray.config import Config
 from mft_ray.society.members import GENERATOR
 
-__all__ = ["FinetuneJob", "LoraSpec", "TrainingSpec", "training_spec"]
+__all__ = ["FinetuneJob", "LoraSpec", "TrainingSpec", "hashed_spec", "training_spec"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,15 @@ def training_spec(config: Config, role: str, iteration: int, index: int) -> Trai
         checkpoint_every_steps=ft.checkpoint_every_steps,
         lora=LoraSpec(ft.lora.rank, ft.lora.alpha, ft.lora.dropout, tuple(ft.lora.target_modules), ft.lora.base_dtype)
         if ft.adapter == "lora" else None)
+
+
+def hashed_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec as ``dataclasses.asdict`` writes it, less the fields added since checkpoints were first
+    fingerprinted while they hold their defaults, so that an older run's checkpoint still resumes."""
+    lora = spec.get("lora")
+    if isinstance(lora, dict) and lora.get("base_dtype") == "auto":
+        spec = {**spec, "lora": {k: v for k, v in lora.items() if k != "base_dtype"}}
+    return spec
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,14 @@ def test_lora_settings_reach_the_training_spec_and_survive_ray_trains_loop_confi
     assert _fingerprint(lora, 10, 1) != _fingerprint(dataclasses.replace(lora, init_adapter=None), 10, 1)
     assert _fingerprint(lora, 10, 1) != _fingerprint(dataclasses.replace(lora, spec=dataclasses.replace(
         spec, lora=None)), 10, 1)
+    # base_dtype came later: at "auto" a spec hashes as before it existed (older checkpoints still resume).
+    from mft_ray.training.spec import hashed_spec
+
+    hashed = hashed_spec(dataclasses.asdict(spec))
+    assert hashed["lora"] == {k: v for k, v in dataclasses.asdict(spec)["lora"].items() if k != "base_dtype"}
+    bf16 = dataclasses.replace(spec, lora=dataclasses.replace(spec.lora, base_dtype="bfloat16"))
+    assert hashed_spec(dataclasses.asdict(bf16))["lora"]["base_dtype"] == "bfloat16"
+    assert _fingerprint(lora, 10, 1) != _fingerprint(dataclasses.replace(lora, spec=bf16), 10, 1)
 
 
 def test_adapters_trained_together_take_turns_each_on_its_own_batches():
