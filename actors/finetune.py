@@ -41,7 +41,7 @@ from mft_ray.run.plan import GIB, job_memory_gb
 from mft_ray.training.export import checkpoint_problem, read_train_metrics
 from mft_ray.training.joint_lora import train_adapters_per_worker
 from mft_ray.training.loop import checkpoint_job, train_lane_per_worker
-from mft_ray.training.slots import concurrent_slots, memory_slots, together_cpus
+from mft_ray.training.slots import lanes_at_once, lone_worker_cpus, memory_slots
 from mft_ray.training.spec import FinetuneJob
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
     each lane one Ray Train run training its jobs one after another; return each job's training metrics.
     ``together``: the unfinished jobs (LoRA adapters of one base) are one Ray Train run over one copy of the
     base (``mft_ray.training.joint_lora``); on CPUs its one worker gets the CPUs the lanes would use
-    (``together_cpus``). So does the worker of a single lane of separate finetunes (one CPU worker each).
+    (``lone_worker_cpus``). So does the worker of a single lane of separate finetunes (one CPU worker each).
 
     ``storage_path`` holds the Ray Train runs (``RunDir.ray_train_dir``): a killed finetune resumes there; it is
     removed once every job is exported."""
@@ -272,16 +272,13 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
         return results
     check_finetunes_fit(workers, cpus_per_worker, gpus_per_worker)
     start = time.time()
-    slots = concurrent_slots(workers, cpus_per_worker, gpus_per_worker, placement.physical(ray.cluster_resources()))
-    if max_concurrent > 0:
-        slots = min(slots, max_concurrent)
+    slots = lanes_at_once(workers, cpus_per_worker, gpus_per_worker, placement.physical(ray.cluster_resources()),
+                          max_concurrent)
     if together and len(todo) > 1:
         if any(j.spec.lora is None or j.init_path != todo[0].init_path for j in todo):
             raise FinetuneError("adapters trained together must all be LoRA finetunes of one base model")
-        cpus = cpus_per_worker
-        if workers == 1 and gpus_per_worker == 0:
-            lanes = min(slots, len(todo))  # the lanes separate finetunes would run in
-            cpus = together_cpus(cpus_per_worker, lanes, _free_cpus_for(cpus_per_worker * lanes))
+        # The lanes separate finetunes would run in.
+        cpus = lone_worker_cpus(cpus_per_worker, workers, gpus_per_worker, min(slots, len(todo)), _free_cpus_for)
         logger.info("%d LoRA adapters trained together in one run (%g CPUs per worker): %s", len(todo), cpus,
                     ", ".join(j.name for j in todo))
         results.update(ray.get(_fit.remote(todo, workers, cpus, gpus_per_worker, max_failures,
@@ -297,11 +294,10 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
     if gpus_per_worker == 0:
         slots = _memory_capped(slots, todo, workers, cpus_per_worker)
     lanes = plan_lanes(todo, slots, checkpointed_runs(storage_path))
-    cpus = cpus_per_worker
-    if len(lanes) == 1 and workers == 1 and gpus_per_worker == 0:
-        # One lane (a single model's finetune, or the memory allows no more) would leave the CPUs the other
-        # lanes could use idle: its worker takes them as torch threads, as adapters trained together do.
-        cpus = together_cpus(cpus_per_worker, cpu_slots, _free_cpus_for(cpus_per_worker * cpu_slots))
+    # One lane (a single model's finetune, or the memory allows no more) would leave the CPUs the other lanes
+    # could use idle: its worker takes them, as adapters trained together do.
+    cpus = lone_worker_cpus(cpus_per_worker, workers, gpus_per_worker, cpu_slots, _free_cpus_for) \
+        if len(lanes) == 1 else cpus_per_worker
     logger.info("%d finetunes in %d lanes at once (%g CPUs per worker): %s", len(todo), len(lanes), cpus,
                 "; ".join(", ".join(j.name for j in lane) for _, lane in lanes))
     pending = {_fit.remote(lane, workers, cpus, gpus_per_worker, max_failures, storage_path,

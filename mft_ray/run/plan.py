@@ -43,7 +43,7 @@ from mft_ray.errors import ConfigError, MftError
 from mft_ray.methods.registry import get_method, method_config, train_units
 from mft_ray.models.builtin import BUILTIN_MODELS, builtin_model_dir
 from mft_ray.society.members import CRITIC, SUMMARIZER, plan_engines, society_members
-from mft_ray.training.slots import concurrent_slots, memory_slots, together_cpus
+from mft_ray.training.slots import lanes_at_once, lone_worker_cpus, memory_slots
 from mft_ray.training.spec import FinetuneJob
 
 GIB = 2**30
@@ -394,17 +394,12 @@ def resource_plan(config: Config, cluster: ClusterSpec | None = None) -> Resourc
                                                 [cluster.memory_gb_per_node] * cluster.nodes))
         # As actors.finetune.run_finetunes sizes a run that trains alone on an idle cluster: the adapters'
         # one run takes the CPUs of the lanes separate finetunes would use; a single lane, those of every lane.
-        alone = together and at_once or (not together and at_once == 1)
-        if alone and ft.num_workers == 1 and ft.gpus_per_worker == 0:
+        if together and at_once or (not together and at_once == 1):
             total = {"CPU": cluster.nodes * cluster.cpus_per_node, "GPU": cluster.nodes * cluster.gpus_per_node}
-            slots = concurrent_slots(1, ft.cpus_per_worker, 0.0, total)
-            if together:
-                slots = min(slots, units)
-            if ft.max_concurrent > 0:
-                slots = min(slots, ft.max_concurrent)
-            worker_cpus = together_cpus(ft.cpus_per_worker, slots, [cluster.cpus_per_node] * cluster.nodes)
-        elif together and at_once:
-            worker_cpus = ft.cpus_per_worker
+            lanes = lanes_at_once(ft.num_workers, ft.cpus_per_worker, ft.gpus_per_worker, total, ft.max_concurrent)
+            worker_cpus = lone_worker_cpus(ft.cpus_per_worker, ft.num_workers, ft.gpus_per_worker,
+                                           min(lanes, units) if together else lanes,
+                                           lambda _: [cluster.cpus_per_node] * cluster.nodes)
         if together and at_once:
             at_once = 1
         if at_once == 0:

@@ -7,7 +7,7 @@ prints them, so the plan says what a run will do.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
 def concurrent_slots(workers: int, cpus_per_worker: float, gpus_per_worker: float,
@@ -20,15 +20,31 @@ def concurrent_slots(workers: int, cpus_per_worker: float, gpus_per_worker: floa
     return max(1, min(slots, default=1))
 
 
-def together_cpus(cpus_per_worker: float, slots: int, node_free: Sequence[float]) -> float:
-    """The CPUs of a CPU worker that trains alone: what ``slots`` lanes of separate finetunes would use, within
-    the most CPUs free on one node now (``node_free``), never fewer than ``cpus_per_worker``. A LoRA society's
-    adapters share one copy of the base in one process, so their run is one worker; a single model's finetune
-    (or the one lane the host memory allows) is one too. More CPUs make it more torch threads (Ray sets
-    OMP_NUM_THREADS to a worker's whole CPUs unless it is already set), and the training itself (data order,
-    batches) is unchanged. Counting only one node's free CPUs keeps the worker from waiting for CPUs another
-    job holds or that no node has."""
-    wide = math.floor(min(cpus_per_worker * slots, max(node_free, default=0.0)) + 1e-9)
+def lanes_at_once(workers: int, cpus_per_worker: float, gpus_per_worker: float, total: Mapping[str, float],
+                  max_concurrent: int = 0) -> int:
+    """The finetune lanes ``total`` resources run at once (``concurrent_slots``), at most ``max_concurrent``
+    if > 0 (``finetune.max_concurrent``)."""
+    slots = concurrent_slots(workers, cpus_per_worker, gpus_per_worker, total)
+    return min(slots, max_concurrent) if max_concurrent > 0 else slots
+
+
+def lone_worker_cpus(cpus_per_worker: float, workers: int, gpus_per_worker: float, lanes: int,
+                     node_free: Callable[[float], Sequence[float]]) -> float:
+    """The CPUs of the worker of a finetune run that trains alone: the one run of a LoRA society's adapters
+    trained together, or the single lane of separate finetunes (a single model's, or the one lane the host
+    memory allows). One CPU worker (``workers`` 1, no GPU) takes what ``lanes`` lanes would use, within the most
+    CPUs free on one node (``node_free(want)``, called only then, gives each node's), never fewer than
+    ``cpus_per_worker``; any other run keeps ``cpus_per_worker``.
+
+    The adapters share one copy of the base in one process, and the lone lane would leave the other lanes' CPUs
+    idle. More CPUs make more torch threads (Ray sets OMP_NUM_THREADS to a worker's whole CPUs unless it is
+    already set); the training itself (data order, batches) is unchanged. Counting only one node's free CPUs keeps
+    the worker from waiting for CPUs another job holds or that no node has. ``actors.finetune`` launches with
+    this and ``mft_ray.run.plan`` prints it."""
+    if workers != 1 or gpus_per_worker > 0:
+        return cpus_per_worker
+    want = cpus_per_worker * lanes
+    wide = math.floor(min(want, max(node_free(want), default=0.0)) + 1e-9)
     return max(cpus_per_worker, float(wide))
 
 

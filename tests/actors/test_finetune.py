@@ -9,7 +9,7 @@ import pytest
 from actors import finetune, placement
 from actors.finetune import checkpointed_runs, plan_lanes
 from mft_ray.config import load_config
-from mft_ray.training.slots import concurrent_slots, memory_slots, together_cpus
+from mft_ray.training.slots import concurrent_slots, lanes_at_once, lone_worker_cpus, memory_slots
 from mft_ray.training.spec import FinetuneJob, training_spec
 from tests.conftest import REPO
 from tests.run.test_plan import SMOLLM2_135M
@@ -37,8 +37,23 @@ def test_slots_are_what_the_cluster_holds_at_once(workers, cpus, gpus, total, sl
     (4.0, 8, [15.0, 15.0, 15.0], 15.0),  # a CPU held on every node: 45 free in all, but 15 on any one node
     (1.0, 2, [], 1.0),                   # no reading: the setting
 ])
-def test_adapters_trained_together_take_the_cpus_their_lanes_would(per_worker, slots, node_free, cpus) -> None:
-    assert together_cpus(per_worker, slots, node_free) == cpus
+def test_a_run_that_trains_alone_takes_the_cpus_its_lanes_would(per_worker, slots, node_free, cpus) -> None:
+    asked = []
+    assert lone_worker_cpus(per_worker, 1, 0.0, slots, lambda want: asked.append(want) or node_free) == cpus
+    assert asked == [per_worker * slots]
+
+
+@pytest.mark.parametrize(("workers", "gpus"), [(2, 0.0), (1, 1.0), (1, 0.5)])
+def test_only_a_lone_cpu_worker_widens(workers, gpus) -> None:
+    def unread(want: float) -> list[float]:
+        raise AssertionError("the free CPUs are read only for a lone CPU worker")
+    assert lone_worker_cpus(1.0, workers, gpus, 4, unread) == 1.0
+
+
+def test_lanes_at_once_stop_at_max_concurrent() -> None:
+    assert lanes_at_once(1, 1.0, 0.0, {"CPU": 8.0}) == 8
+    assert lanes_at_once(1, 1.0, 0.0, {"CPU": 8.0}, max_concurrent=3) == 3
+    assert lanes_at_once(1, 1.0, 0.0, {"CPU": 2.0}, max_concurrent=3) == 2
 
 
 @pytest.mark.parametrize(("workers", "per_worker_gb", "nodes_gb", "slots"), [

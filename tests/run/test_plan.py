@@ -176,7 +176,7 @@ def test_a_lora_societys_adapters_are_planned_as_one_run_with_the_lanes_cpus(clu
     ("majority_ft", ClusterSpec(1, 0, 80.0, 96), ["finetune.max_concurrent=4"], 4.0),
     ("multiagent_ft", ClusterSpec(1, 0, 80.0, 2), [], None),             # 2 lanes of 6 finetunes: as configured
     ("multiagent_ft", ClusterSpec(1, 0, 80.0, 2, 7.0), ["model.num_parameters=0.135"], 2.0),  # memory: one lane
-    ("single_agent_ft", ClusterSpec(1, 0, 80.0, 2), ["finetune.num_workers=2"], None),
+    ("single_agent_ft", ClusterSpec(1, 0, 80.0, 2), ["finetune.num_workers=2"], 1.0),  # 2 workers: as configured
 ])
 def test_a_lone_cpu_lane_is_planned_with_the_cpus_of_every_lane(method, cluster, overrides, cpus) -> None:
     """`mft plan` shows what actors.finetune.run_finetunes does when an iteration's full finetunes run in one lane
@@ -185,8 +185,8 @@ def test_a_lone_cpu_lane_is_planned_with_the_cpus_of_every_lane(method, cluster,
     f = resource_plan(config, cluster).finetune
     text = resource_plan(config, cluster).format()
     assert not f.together and f.worker_cpus == cpus, text
-    assert ("one lane: its CPU worker takes" in text) == (cpus is not None), text
-    if cpus is not None:
+    assert ("one lane: its CPU worker takes" in text) == (cpus not in (None, 1.0)), text
+    if cpus not in (None, 1.0):
         assert f"takes {cpus:g} CPUs" in text
     if cpus is not None:
         assert f.at_once == 1
