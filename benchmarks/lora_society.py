@@ -1,6 +1,7 @@
 """A LoRA society against a full one on the real model: serving memory and the 2N finetunes' wall time.
 
     python benchmarks/lora_society.py [--problems 24] [--engine vllm] [--max-new-tokens 64] [--lora-base-dtype auto]
+                                      [--checkpointing config|off]
 
 SmolLM2-135M-Instruct (``builtin:smollm2-135m-instruct``), 3 agents x 2 rounds. The base society debates
 the finetune split once; both modes then build the same per-agent sets from that one debate and finetune
@@ -15,6 +16,11 @@ Prints one JSON line: {"members", "full": {"society_memory_gb", "finetune_s", "e
 "base_model_memory_gb", "memory_ratio", "finetune_time_ratio", ...}; memory_ratio = LoRA society memory /
 the base model's serving memory, finetune_time_ratio = LoRA finetune wall time / full (all 2N agents).
 RSS counts each process's whole runtime (Python, torch, vLLM, its KV cache), not only the weights.
+
+``--checkpointing off`` trains both modes without gradient checkpointing (smollm2_cpu.yaml turns it on so that
+two lanes of fp32 full finetunes fit 24 GB): the full finetunes then run in the one lane the host memory
+allows, on every core, and the adapters' one run skips the recomputed forward. Compare each mode at its
+faster setting.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--lora-base-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="finetune.lora.base_dtype: the frozen base's dtype while the adapters train")
+    ap.add_argument("--checkpointing", default="config", choices=["config", "off"],
+                    help="off: finetune.gradient_checkpointing=false in both modes (default: the config's, on)")
     ap.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
     args = ap.parse_args()
 
@@ -75,6 +83,8 @@ def main() -> None:
               "finetune.generator.epochs=1", "finetune.critic.epochs=1", "finetune.zero_stage=2",
               "finetune.generator.max_length=512", "finetune.critic.max_length=1024",
               "finetune.cpus_per_worker=1", "metrics.embedding=false", "metrics.nll_problems=0"]
+    if args.checkpointing == "off":
+        common.append("finetune.gradient_checkpointing=false")
     own = {"full": [], "lora": [f"finetune.lora.base_dtype={args.lora_base_dtype}"]}
     configs = {mode: load_config(Path(__file__).resolve().parents[1] / "jobs/configs/smollm2_cpu.yaml",
                                  [*common, f"finetune.adapter={mode}", f"run_dir={work / mode}", *own[mode]])
@@ -112,6 +122,7 @@ def main() -> None:
         "memory_ratio": round(out["lora"]["society_memory_gb"] / base_memory, 3),
         "finetune_time_ratio": round(out["lora"]["finetune_s"] / out["full"]["finetune_s"], 3),
         "debate_s": round(debate_s, 1), "problems": args.problems, "engine": args.engine,
+        "gradient_checkpointing": configs["full"].finetune.gradient_checkpointing,
         # The full finetunes train float32 weights (finetune.bf16 is off on CPU); the adapters are float32
         # over a frozen base of this dtype.
         "model": "SmolLM2-135M-Instruct", "full": {**out["full"], "dtype": "float32"},
