@@ -277,8 +277,8 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
     if together and len(todo) > 1:
         if any(j.spec.lora is None or j.init_path != todo[0].init_path for j in todo):
             raise FinetuneError("adapters trained together must all be LoRA finetunes of one base model")
-        # The lanes separate finetunes would run in.
-        cpus = lone_worker_cpus(cpus_per_worker, workers, gpus_per_worker, min(slots, len(todo)), _free_cpus_for)
+        lanes = min(slots, len(todo))  # the lanes separate finetunes would run in
+        cpus = lone_worker_cpus(workers, cpus_per_worker, gpus_per_worker, lanes, _free_cpus_for)
         logger.info("%d LoRA adapters trained together in one run (%g CPUs per worker): %s", len(todo), cpus,
                     ", ".join(j.name for j in todo))
         results.update(ray.get(_fit.remote(todo, workers, cpus, gpus_per_worker, max_failures,
@@ -296,7 +296,7 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
     lanes = plan_lanes(todo, slots, checkpointed_runs(storage_path))
     # One lane (a single model's finetune, or the memory allows no more) would leave the CPUs the other lanes
     # could use idle: its worker takes them, as adapters trained together do.
-    cpus = lone_worker_cpus(cpus_per_worker, workers, gpus_per_worker, cpu_slots, _free_cpus_for) \
+    cpus = lone_worker_cpus(workers, cpus_per_worker, gpus_per_worker, cpu_slots, _free_cpus_for) \
         if len(lanes) == 1 else cpus_per_worker
     logger.info("%d finetunes in %d lanes at once (%g CPUs per worker): %s", len(todo), len(lanes), cpus,
                 "; ".join(", ".join(j.name for j in lane) for _, lane in lanes))

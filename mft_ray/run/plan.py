@@ -123,9 +123,11 @@ class FinetunePlan:
     max_length: int
     memory_gb: dict[str, float] | None  # per GPU (per worker on CPU): the formula's terms and "total"
     at_once: int | None = None  # finetunes whose worker groups fit on the described cluster together
-    # A LoRA society's adapters trained together (finetune.adapters_together): one Ray Train run per
-    # iteration, whose one CPU worker takes the CPUs the lanes would (``worker_cpus``, on the described cluster).
+    # A LoRA society's adapters trained together (finetune.adapters_together): one Ray Train run per iteration.
     together: bool = False
+    # The CPUs of each worker of a run that trains alone on the described cluster (the adapters' one run, or
+    # the one lane of separate finetunes): a lone CPU worker takes those the lanes would use, any other run
+    # finetune.cpus_per_worker. None: several lanes, no cluster described, or nothing fits.
     worker_cpus: float | None = None
 
 
@@ -392,12 +394,13 @@ def resource_plan(config: Config, cluster: ClusterSpec | None = None) -> Resourc
                 and cluster.memory_gb_per_node is not None):  # as actors.finetune caps CPU lanes
             at_once = min(at_once, memory_slots(ft.num_workers, memory["total"],
                                                 [cluster.memory_gb_per_node] * cluster.nodes))
-        # As actors.finetune.run_finetunes sizes a run that trains alone on an idle cluster: the adapters'
-        # one run takes the CPUs of the lanes separate finetunes would use; a single lane, those of every lane.
+        # As actors.finetune.run_finetunes sizes a run that trains alone on an idle cluster: a lone CPU worker of
+        # the adapters' one run takes the CPUs of the lanes separate finetunes would use; of a single lane, those
+        # of every lane.
         if together and at_once or (not together and at_once == 1):
             total = {"CPU": cluster.nodes * cluster.cpus_per_node, "GPU": cluster.nodes * cluster.gpus_per_node}
             lanes = lanes_at_once(ft.num_workers, ft.cpus_per_worker, ft.gpus_per_worker, total, ft.max_concurrent)
-            worker_cpus = lone_worker_cpus(ft.cpus_per_worker, ft.num_workers, ft.gpus_per_worker,
+            worker_cpus = lone_worker_cpus(ft.num_workers, ft.cpus_per_worker, ft.gpus_per_worker,
                                            min(lanes, units) if together else lanes,
                                            lambda _: [cluster.cpus_per_node] * cluster.nodes)
         if together and at_once:

@@ -28,7 +28,7 @@ def lanes_at_once(workers: int, cpus_per_worker: float, gpus_per_worker: float, 
     return min(slots, max_concurrent) if max_concurrent > 0 else slots
 
 
-def lone_worker_cpus(cpus_per_worker: float, workers: int, gpus_per_worker: float, lanes: int,
+def lone_worker_cpus(workers: int, cpus_per_worker: float, gpus_per_worker: float, lanes: int,
                      node_free: Callable[[float], Sequence[float]]) -> float:
     """The CPUs of the worker of a finetune run that trains alone: the one run of a LoRA society's adapters
     trained together, or the single lane of separate finetunes (a single model's, or the one lane the host

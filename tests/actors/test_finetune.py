@@ -39,7 +39,7 @@ def test_slots_are_what_the_cluster_holds_at_once(workers, cpus, gpus, total, sl
 ])
 def test_a_run_that_trains_alone_takes_the_cpus_its_lanes_would(per_worker, slots, node_free, cpus) -> None:
     asked = []
-    assert lone_worker_cpus(per_worker, 1, 0.0, slots, lambda want: asked.append(want) or node_free) == cpus
+    assert lone_worker_cpus(1, per_worker, 0.0, slots, lambda want: asked.append(want) or node_free) == cpus
     assert asked == [per_worker * slots]
 
 
@@ -47,7 +47,7 @@ def test_a_run_that_trains_alone_takes_the_cpus_its_lanes_would(per_worker, slot
 def test_only_a_lone_cpu_worker_widens(workers, gpus) -> None:
     def unread(want: float) -> list[float]:
         raise AssertionError("the free CPUs are read only for a lone CPU worker")
-    assert lone_worker_cpus(1.0, workers, gpus, 4, unread) == 1.0
+    assert lone_worker_cpus(workers, 1.0, gpus, 4, unread) == 1.0
 
 
 def test_lanes_at_once_stop_at_max_concurrent() -> None:
