@@ -53,6 +53,14 @@ def _label(run: Run, runs: Sequence[Run]) -> str:
     return label
 
 
+def run_colors(runs: Sequence[Run]) -> dict[str, str]:
+    """One matplotlib color per run (by its directory, in the order given), the same in every panel and figure: a panel
+    that only some runs have data for (the critic NLL: only debate-scored runs) still shows each run in its
+    own color, not the next of the cycle."""
+    paths = list(dict.fromkeys(str(r.path) for r in runs))
+    return {path: f"C{i % 10}" for i, path in enumerate(paths)}
+
+
 def _integer_x(ax: Any) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -65,6 +73,7 @@ def figure1_accuracy(runs: Sequence[Run], path: str | Path) -> Path | None:
     if not own:
         return None
     tasks = sorted({r.task for r in own})
+    colors = run_colors(own)
     plt = _plt()
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.9), dpi=120, squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -72,7 +81,8 @@ def figure1_accuracy(runs: Sequence[Run], path: str | Path) -> Path | None:
         for r in here:
             its = r.iterations
             ax.errorbar([e["iteration"] for e in its], [100 * e["accuracy"] for e in its],
-                        yerr=[100 * e["stderr"] for e in its], marker="o", capsize=4, label=_label(r, here))
+                        yerr=[100 * e["stderr"] for e in its], marker="o", capsize=4, label=_label(r, here),
+                        color=colors[str(r.path)])
         ax.set_title(f"{task_title(task)}: accuracy per finetuning iteration")
         ax.set_xlabel("finetuning iteration (0 = the untrained society)")
         ax.set_ylabel("accuracy (%)")
@@ -88,6 +98,7 @@ def figure3_diversity(runs: Sequence[Run], path: str | Path) -> Path | None:
     own = [r for r in runs if not r.evaluation_only]
     if not own:
         return None
+    colors = run_colors(own)
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), dpi=120)
     for ax in axes.flat[len(DIVERSITY_METRICS):]:
@@ -97,7 +108,8 @@ def figure3_diversity(runs: Sequence[Run], path: str | Path) -> Path | None:
         for r in own:
             points = [(e["iteration"], metric(e, key)) for e in r.iterations if metric(e, key) is not None]
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=_label(r, own))
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=_label(r, own),
+                        color=colors[str(r.path)])
                 drawn = True
         ax.set_title(label)
         ax.set_xlabel("finetuning iteration")
@@ -118,6 +130,7 @@ def figure4_accuracy_vs_diversity(runs: Sequence[Run], path: str | Path) -> Path
     metrics = [(k, lab) for k, lab in DIVERSITY_METRICS if any(metric(e, k) is not None for r in own for e in r.iterations)]
     if not metrics:
         return None
+    colors = run_colors(own)
     plt = _plt()
     cols = min(2, len(metrics))
     rows = (len(metrics) + cols - 1) // cols
@@ -130,7 +143,7 @@ def figure4_accuracy_vs_diversity(runs: Sequence[Run], path: str | Path) -> Path
                       if metric(e, key) is not None]
             if not points:
                 continue
-            ax.scatter([p[0] for p in points], [p[1] for p in points], label=_label(r, own))
+            ax.scatter([p[0] for p in points], [p[1] for p in points], label=_label(r, own), color=colors[str(r.path)])
             for x, y, it in points:
                 ax.annotate(str(it), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         ax.set_xlabel(label)
