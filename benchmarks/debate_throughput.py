@@ -2,10 +2,14 @@
 the raw engine, for the HF and vLLM engines.
 
     python benchmarks/debate_throughput.py [--problems 200] [--sequential-problems 20] [--max-new-tokens 32]
+                                           [--engines vllm] [--sequential-dtype auto]
 
 - sequential: problem -> round -> agent, batch-1 HF generation (the authors' code structure), in-process.
   It is linear in the problems by construction: timed on ``--sequential-problems`` and scaled to
-  ``--problems`` (the JSON says so).
+  ``--problems`` (the JSON says so). Its precision, ``--sequential-dtype`` (also the hf runs'), is the HF
+  engine's own by default, float32 on CPU; on a CPU with native bf16 vLLM serves in bfloat16, and
+  ``--sequential-dtype bfloat16`` times the loop in that precision too. ``--engines none`` times only this
+  loop.
 - coordinator (per engine): the same 3-agent, 2-round debate through Ray actors (one shared engine given
   every CPU, shards pipelined), society start-up included.
 - raw (per engine): the same debate in-process with no Ray, one batched engine call per turn kind (round 1;
@@ -90,8 +94,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=100)
     ap.add_argument("--engines", default="vllm", help="comma-separated: vllm, hf (the HF engine's coordinator "
-                    "and raw runs are slow on CPU: ~20 min each at 200 problems on 2 cores)")
+                    "and raw runs are slow on CPU: ~20 min each at 200 problems on 2 cores), or none")
+    ap.add_argument("--sequential-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="the HF engine's precision, in the authors' loop and the hf runs (auto: the HF engine's "
+                    "own, float32 on CPU)")
     args = ap.parse_args()
+    engines = [] if args.engines == "none" else args.engines.split(",")
+    if any(e not in ("vllm", "hf") for e in engines) or args.sequential_problems < 1:
+        ap.error(f"--engines takes vllm and/or hf, or none (got {args.engines!r}); --sequential-problems >= 1")
 
     import ray
     import torch
@@ -110,9 +120,10 @@ def main() -> None:
     cpus = os.cpu_count() or 2
     torch.set_num_threads(cpus)
 
-    def config_for(engine: str):
+    def config_for(engine: str, dtype: str = "auto"):
         return load_config(None, [
-            f"run_dir={work / engine}", f"model.path={model}", f"model.engine={engine}", "task.name=arithmetic",
+            f"run_dir={work / engine}", f"model.path={model}", f"model.engine={engine}", f"model.dtype={dtype}",
+            "task.name=arithmetic",
             "task.form=a+b", "task.max_int=50", f"task.finetune_size={args.problems}", "task.eval_size=0",
             f"debate.agents={args.agents}", f"debate.rounds={args.rounds}", f"debate.shard_size={args.shard_size}",
             f"sampling.max_new_tokens={args.max_new_tokens}", "resources.share_engine=true",
@@ -120,17 +131,36 @@ def main() -> None:
             "model.kv_cache_gb=1",
         ])
 
-    label = f"SmolLM2-135M-Instruct (builtin; vLLM {auto_dtype(False)}, HF float32)"  # the engines' dtype="auto"
-    result: dict = {"benchmark": "debate_throughput", "model": label,
+    # vLLM serves in its dtype="auto" (bfloat16 on a CPU with native bf16); the HF engine in --sequential-dtype.
+    hf_dtype = "float32" if args.sequential_dtype == "auto" else args.sequential_dtype
+    label = f"SmolLM2-135M-Instruct (builtin; vLLM {auto_dtype(False)}, HF {hf_dtype})"
+    result: dict = {"benchmark": "debate_throughput", "model": label, "hf_dtype": hf_dtype,
                     "problems": args.problems, "agents": args.agents, "rounds": args.rounds,
-                    "max_new_tokens": args.max_new_tokens, "engines": {}}
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    for name in args.engines.split(","):
-        config = config_for(name)
-        task = make_task(config.task)
-        problems = make_splits(task, config.task).finetune
-        prompts = PromptSet(task.answer_instruction)
-        sampling = SamplingParams.from_config(config.sampling)
+                    "max_new_tokens": args.max_new_tokens,
+                    "sequences": args.problems * args.agents * (2 * args.rounds - 1), "engines": {}}
+    config = config_for("hf", hf_dtype)
+    task = make_task(config.task)
+    problems = make_splits(task, config.task).finetune
+    prompts = PromptSet(task.answer_instruction)
+    sampling = SamplingParams.from_config(config.sampling)
+
+    # (a) the authors' loop: batch-1 HF generate on a subset, scaled.
+    hf = make_engine(config.model)
+    subset = problems[:args.sequential_problems]
+    t = time.perf_counter()
+    calls = sequential(hf, subset, prompts, args.agents, args.rounds, sampling)
+    result["sequential_timed_s"] = round(time.perf_counter() - t, 2)
+    hf.close()
+    result["sequential_timed_problems"] = len(subset)
+    result["sequential_s"] = round(result["sequential_timed_s"] * len(problems) / len(subset), 2)
+    result["sequential_calls_timed"] = calls
+    result["sequential_note"] = (f"timed on the first {len(subset)} problems and scaled to {len(problems)} "
+                                 "(the loop is linear in the problems)")
+
+    if engines:  # after the loop, which needs no Ray: its start-up would share the timed seconds
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    for name in engines:
+        config = config_for(name, hf_dtype if name == "hf" else "auto")
 
         t = time.perf_counter()
         RayRuntime().debate(config, 0, "finetune", problems, str(work / name / "debate"))
@@ -142,30 +172,14 @@ def main() -> None:
         sequences = raw_debate(engine, problems, prompts, args.agents, args.rounds, sampling)
         raw_s = time.perf_counter() - t
 
-        if name != "hf":
-            engine.close()
-        if "sequential_s" not in result:  # (a) the authors' loop: batch-1 HF generate on a subset, scaled
-            hf = engine if name == "hf" else make_engine(config_for("hf").model)
-            subset = problems[:args.sequential_problems]
-            t = time.perf_counter()
-            calls = sequential(hf, subset, prompts, args.agents, args.rounds, sampling)
-            result["sequential_timed_problems"] = len(subset)
-            result["sequential_timed_s"] = round(time.perf_counter() - t, 2)
-            result["sequential_s"] = round(result["sequential_timed_s"] * len(problems) / len(subset), 2)
-            result["sequential_calls_timed"] = calls
-            result["sequential_note"] = (f"timed on the first {len(subset)} problems and scaled to {len(problems)} "
-                                         "(the loop is linear in the problems)")
-            if hf is not engine:
-                hf.close()
-        if name == "hf":
-            engine.close()
-        result["sequences"] = sequences
+        engine.close()
+        assert sequences == result["sequences"], (sequences, result["sequences"])
         result["engines"][name] = {"coordinator_s": round(coordinator_s, 2), "raw_s": round(raw_s, 2),
                                    "raw_load_s": round(load_s, 2)}
-    ray.shutdown()
+    if engines:
+        ray.shutdown()
     for figures in result["engines"].values():
-        if "sequential_s" in result:
-            figures["speedup"] = round(result["sequential_s"] / figures["coordinator_s"], 2)
+        figures["speedup"] = round(result["sequential_s"] / figures["coordinator_s"], 2)
         figures["efficiency"] = round(figures["raw_s"] / figures["coordinator_s"], 3)
     result["machine"] = f"{platform.machine()} {cpus} CPUs, torch {torch.__version__}, no GPU"
     print(json.dumps(result))
