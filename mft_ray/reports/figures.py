@@ -54,9 +54,9 @@ def _label(run: Run, runs: Sequence[Run]) -> str:
 
 
 def run_colors(runs: Sequence[Run]) -> dict[str, str]:
-    """One matplotlib color per run (by its directory, in the order given), the same in every panel and figure: a panel
-    that only some runs have data for (the critic NLL: only debate-scored runs) still shows each run in its
-    own color, not the next of the cycle."""
+    """One matplotlib color per run (by its directory, in the order given), the same in every panel and figure:
+    a panel that only some runs have data for (the critic NLL: only debate-scored runs) still shows each run in
+    its own color, not the next of the cycle."""
     paths = list(dict.fromkeys(str(r.path) for r in runs))
     return {path: f"C{i % 10}" for i, path in enumerate(paths)}
 
