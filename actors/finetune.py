@@ -17,7 +17,9 @@ it already exported and resumes the one in progress); past that the finetune fai
 naming the agent and iteration, and nothing is exported for it (a half-written export is removed). Its Ray
 Train checkpoints stay under ``<storage>/<run>/``: rerunning the job resumes from the latest one (the lane
 of that finetune is given that run's name). They are deleted once every finetune of the iteration is
-exported.
+exported. The task that drives a run (``_fit``) is never retried: Ray retries a task its memory monitor
+kills without limit by default (``task_oom_retries``), and a run that does not fit in memory would then
+start over and over. Its death fails the finetunes with a ``FinetuneError`` instead, and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def train_run_name(jobs: list[FinetuneJob], together: bool = False) -> str:
     return "adapters" if together and len(jobs) > 1 else jobs[0].name
 
 
-@ray.remote(num_cpus=0)
+# max_retries=0 also turns off the retries after a kill by the memory monitor (unlimited otherwise).
+@ray.remote(num_cpus=0, max_retries=0)
 def _fit(jobs: list[FinetuneJob], workers: int, cpus: float, gpus: float, max_failures: int,
          storage_path: str, together: bool = False, run_name: str | None = None) -> dict[str, dict[str, Any]]:
     """One Ray Train run: a lane (``jobs`` trained one after another), or the LoRA adapters of an iteration
@@ -128,6 +131,23 @@ def _fit(jobs: list[FinetuneJob], workers: int, cpus: float, gpus: float, max_fa
     # Exported: the training-state checkpoints (optimizer states included) are no longer needed.
     shutil.rmtree(experiment, ignore_errors=True)
     return {job.name: read_train_metrics(job.output_dir) for job in jobs}
+
+
+def run_result(ref: ray.ObjectRef, jobs: list[FinetuneJob], storage_path: str) -> dict[str, dict[str, Any]]:
+    """What ``_fit`` returned for ``jobs``. Its own errors (``FinetuneError``) pass through; the death of the
+    process running it (killed, or by Ray's memory monitor: ``OutOfMemoryError``), which takes its Ray Train
+    run with it, becomes a ``FinetuneError`` naming the finetunes."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError:
+        raise
+    except ray.exceptions.RayError as exc:
+        names = ", ".join(j.name for j in jobs)
+        iteration = jobs[0].iteration
+        raise FinetuneError(
+            f"finetunes {names} of iteration {iteration}: the process driving their Ray Train run died "
+            f"({_cause(exc).rstrip('.')}). What was exported stays; a rerun resumes the rest from their latest Ray "
+            f"Train checkpoint under {storage_path}, if one was saved") from None
 
 
 def _cause(exc: BaseException) -> str:
@@ -281,8 +301,8 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
         cpus = lone_worker_cpus(workers, cpus_per_worker, gpus_per_worker, lanes, _free_cpus_for)
         logger.info("%d LoRA adapters trained together in one run (%g CPUs per worker): %s", len(todo), cpus,
                     ", ".join(j.name for j in todo))
-        results.update(ray.get(_fit.remote(todo, workers, cpus, gpus_per_worker, max_failures,
-                                           storage_path, together=True)))
+        results.update(run_result(_fit.remote(todo, workers, cpus, gpus_per_worker, max_failures,
+                                              storage_path, together=True), todo, storage_path))
         logger.info("adapters done in %.0fs", time.time() - start)
         shutil.rmtree(storage_path, ignore_errors=True)
         return results
@@ -305,7 +325,7 @@ def run_finetunes(jobs: list[FinetuneJob], storage_path: str, workers: int = 1, 
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         lane = pending.pop(done[0])
-        results.update(ray.get(done[0]))
+        results.update(run_result(done[0], lane, storage_path))
         for job in lane:
             m = results[job.name]
             logger.info("finetune %s done (%.0fs): %d examples, loss %.4f -> %.4f", job.name, time.time() - start,
