@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import describe_machine  # noqa: E402 - after the path above
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -181,7 +182,7 @@ def main() -> None:
     for figures in result["engines"].values():
         figures["speedup"] = round(result["sequential_s"] / figures["coordinator_s"], 2)
         figures["efficiency"] = round(figures["raw_s"] / figures["coordinator_s"], 3)
-    result["machine"] = f"{platform.machine()} {cpus} CPUs, torch {torch.__version__}, no GPU"
+    result["machine"] = describe_machine()
     print(json.dumps(result))
 
 

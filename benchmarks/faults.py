@@ -44,6 +44,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.machine import describe_machine  # noqa: E402 - after the path above
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -140,8 +142,7 @@ def train_worker_kills(work: Path, model: str) -> dict[str, Any]:
     import ray
 
     from actors.finetune import _fit
-    from mft_ray.errors import root_cause
-    from mft_ray.errors import FinetuneError
+    from mft_ray.errors import FinetuneError, root_cause
     from tests.integration.test_faults import _finetune_job, _kill_worker_after_first_checkpoint
     from tests.integration.test_iterate import _differs, _params
 
@@ -398,8 +399,8 @@ def main() -> None:
         "bad_inputs_refused_clearly": scenarios.get("bad_input", {}).get("refused_clearly"),
         "scenarios": scenarios,
         "seconds": round(time.time() - start, 1),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "ray": ray.__version__, "gpu": torch.cuda.is_available()},
+        "machine": {"cpu": describe_machine(), "platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "ray": ray.__version__, "gpu": torch.cuda.is_available()},
     }
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -26,6 +25,8 @@ if TYPE_CHECKING:
     from mft_ray.training.spec import TrainingSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import describe_machine  # noqa: E402 - after the path above
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -121,7 +122,7 @@ def main() -> None:
         "concurrency_speedup": round(sequential_s / concurrent_s, 2), "plain_torch_s": round(plain_s, 2),
         "ray_deepspeed_per_finetune_s": round(per_finetune, 2),
         "overhead": round(per_finetune / plain_s, 2), "overhead_s": round(per_finetune - plain_s, 2),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, no GPU",
+        "machine": describe_machine(),
         "model": "tiny random Llama (2 layers, hidden 64, character tokenizer)",
     }))
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import describe_machine  # noqa: E402 - after the path above
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -129,7 +130,7 @@ def main() -> None:
         "lora": {**out["lora"], "rank": configs["lora"].finetune.lora.rank,
                  "targets": configs["lora"].finetune.lora.target_modules,
                  "base_dtype": str(base_dtype(args.lora_base_dtype, False)).removeprefix("torch.")},
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": describe_machine(),
     })
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

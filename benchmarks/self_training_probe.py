@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import describe_machine  # noqa: E402 - after the path above
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -131,7 +132,7 @@ def main() -> None:
             tokenizer.save_pretrained(tmp)
             result["after"][str(lr)] = {**measure(tmp), "train_s": round(train_s, 1)}
         print(json.dumps({"lr": lr, **result["after"][str(lr)]}), flush=True)
-    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    result["machine"] = describe_machine()
     print(json.dumps(result))
 
 

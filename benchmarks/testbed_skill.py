@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -23,12 +22,12 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import describe_machine  # noqa: E402 - after the path above
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main() -> None:
-    import torch
-
     from mft_ray.config import BUILTIN_PREFIX, load_config
     from mft_ray.engines import SamplingParams
     from mft_ray.engines.factory import make_engine
@@ -92,7 +91,7 @@ def main() -> None:
         f"majority_of_{args.samples}_accuracy": round(sum(majority) / len(problems), 4),
         "all_samples_agree": round(sum(v.consensus == 1.0 for v in votes) / len(problems), 4),
         "generate_s_per_sample_pass": round(gen_s / args.samples, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": describe_machine(),
     }
     print(json.dumps(result))
 
