@@ -1,7 +1,7 @@
 """One training step of the built-in real model, full finetune vs LoRA, in isolation: why a LoRA society's
 finetunes are not 3x cheaper on a CPU.
 
-    python benchmarks/lora_step.py [--threads 2] [--batch 8] [--length 512] [--targets 100] [--steps 4]
+    python benchmarks/lora_step.py [--threads 2] [--batch 8] [--length 512] [--targets 100] [--steps 3]
 
 A critic-like micro-batch (``--batch`` rows of ``--length`` tokens, the loss on the last ``--targets``,
 logits only over that window as the finetunes compute them) through SmolLM2-135M-Instruct, one optimizer
